@@ -1,0 +1,13 @@
+"""The one exception type users see.
+
+Every error that bad input can cause is raised as a QkitError naming the problem and the fix, so the
+CLI can print one line and exit 2 while a notebook shows the same sentence.
+"""
+from __future__ import annotations
+
+
+class QkitError(Exception):
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}. Fix: {fix}")
+        self.problem = problem
+        self.fix = fix
