@@ -1,0 +1,141 @@
+"""`qkit ...`: a thin argparse layer over the same functions the notebooks call."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from qkit.errors import QkitError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name, local directory, .gguf file or Hugging Face id (default {DEFAULT_MODEL})")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model's own Python code to run (off by default)")
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    from qkit.methods import CalibSpec
+
+    d = CalibSpec()
+    p.add_argument("--calib", default=d.name, help=f"calibration set (default {d.name})")
+    p.add_argument("--samples", type=int, default=d.n_samples, help=f"calibration samples (default {d.n_samples})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sample (default {d.seq_len})")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _calib(args: argparse.Namespace):
+    from qkit.methods import CalibSpec
+
+    return CalibSpec(args.calib, args.samples, args.seq_len, args.seed)
+
+
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    # YAML so that numbers, booleans and lists ("[fp8_dynamic, w4a16_gptq]") arrive typed.
+    return key, yaml.safe_load(value)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from qkit.methods import METHODS
+
+    rows = [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", str(m.group_size or "-"),
+             "yes" if m.needs_calibration else "no", m.native_hardware) for m in METHODS.values()]
+    header = ("method", "format", "bits", "group", "calibration", "runs natively on")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from qkit import methods, models
+
+    loaded = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    ckpt = methods.quantize(loaded, methods.get_method(args.method), calib=_calib(args))
+    bf16 = models.bf16_bytes(loaded.model)
+    print(ckpt.path)
+    print(f"size on disk: {ckpt.size_bytes / 1e6:.1f} MB; BF16: {bf16 / 1e6:.1f} MB; "
+          f"ratio to BF16: {ckpt.size_bytes / bf16:.3f} ({bf16 / ckpt.size_bytes:.2f}x smaller)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from qkit import models, studies
+    from qkit.evaluation import EvalSpec
+
+    loaded = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    spec = EvalSpec(domain=args.eval_text, n_tokens=args.tokens, ctx=args.ctx)
+    row = studies.evaluate_method(loaded, args.method, calib=_calib(args), eval_spec=spec)
+    if args.json:
+        print(json.dumps(row, indent=2, default=str))
+        return 0
+    print(f"{row['method']} on {args.model}, {row['n_tokens']} tokens of held-out {args.eval_text}")
+    print(f"  perplexity       {row['ppl_quant']:.3f}  (baseline {row['ppl_base']:.3f}; "
+          f"95% CI {row['ppl_low']:.3f}-{row['ppl_high']:.3f})")
+    print(f"  KLD mean         {row['kld_mean']:.5f}  (95% CI {row['kld_low']:.5f}-{row['kld_high']:.5f})")
+    for name in ("median", "p90", "p99", "p99.9", "max"):
+        print(f"  KLD {name:<12} {row['kld'][name]:.5f}")
+    print(f"  top-1 agreement  {row['top1_pct']:.2f}%")
+    print(f"  mean delta p     {row['dp_mean_pct']:+.3f}%")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qkit.report import run_report
+
+    records = run_report(args.notebooks or None, dict(args.param), args.out)
+    return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qkit", description="Quantize an LLM and measure what it costs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("methods", help="list the quantization methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("quantize", help="quantize a model with one method; prints the checkpoint path")
+    _model_args(p)
+    p.add_argument("--method", required=True, help="a method from `qkit methods`")
+    _calib_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("evaluate", help="perplexity, KL divergence and top-1 agreement against the baseline")
+    _model_args(p)
+    p.add_argument("--method", required=True, help="a method from `qkit methods`")
+    _calib_args(p)
+    p.add_argument("--eval-text", default="prose", help="held-out text: prose, chat or code (default prose)")
+    p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per evaluation chunk (default 512)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="execute notebooks into HTML reports under reports/")
+    p.add_argument("notebooks", nargs="*", help="notebook names (default: all in notebooks/)")
+    p.add_argument("-p", "--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="notebook parameter, value in YAML (repeatable), e.g. -p model=tiny")
+    p.add_argument("--out", default="reports", help="output folder (default reports/)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QkitError as e:
+        print(f"qkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
