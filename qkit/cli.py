@@ -48,7 +48,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from qkit.methods import METHODS
 
     rows = [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", str(m.group_size or "-"),
-             "yes" if m.needs_calibration else "no", m.native_hardware) for m in METHODS.values()]
+             "yes" if m.needs_calibration else "no", str(m.native_hardware)) for m in METHODS.values()]
     header = ("method", "format", "bits", "group", "calibration", "runs natively on")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
@@ -59,12 +59,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qkit import methods, models
 
+    method, calib = methods.get_method(args.method), _calib(args)  # bad input fails before a model loads
     loaded = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
-    ckpt = methods.quantize(loaded, methods.get_method(args.method), calib=_calib(args))
-    bf16 = models.bf16_bytes(loaded.model)
+    ckpt = methods.quantize(loaded, method, calib=calib)
     print(ckpt.path)
-    print(f"size on disk: {ckpt.size_bytes / 1e6:.1f} MB; BF16: {bf16 / 1e6:.1f} MB; "
-          f"ratio to BF16: {ckpt.size_bytes / bf16:.3f} ({bf16 / ckpt.size_bytes:.2f}x smaller)")
+    print(f"size on disk: {ckpt.size_bytes / 1e6:.1f} MB ({ckpt.bf16_run_bytes / 1e6:.1f} MB had the float "
+          f"parts been saved in BF16); model in BF16: {ckpt.bf16_bytes / 1e6:.1f} MB; "
+          f"ratio to BF16: {ckpt.bf16_ratio:.3f} ({1 / ckpt.bf16_ratio:.2f}x smaller)")
     return 0
 
 
@@ -72,9 +73,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from qkit import models, studies
     from qkit.evaluation import EvalSpec
 
-    loaded = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    from qkit.methods import get_method
+
+    method, calib = get_method(args.method).name, _calib(args)
     spec = EvalSpec(domain=args.eval_text, n_tokens=args.tokens, ctx=args.ctx)
-    row = studies.evaluate_method(loaded, args.method, calib=_calib(args), eval_spec=spec)
+    loaded = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    row = studies.evaluate_method(loaded, method, calib=calib, eval_spec=spec)
     if args.json:
         print(json.dumps(row, indent=2, default=str))
         return 0
@@ -83,9 +87,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"95% CI {row['ppl_low']:.3f}-{row['ppl_high']:.3f})")
     print(f"  KLD mean         {row['kld_mean']:.5f}  (95% CI {row['kld_low']:.5f}-{row['kld_high']:.5f})")
     for name in ("median", "p90", "p99", "p99.9", "max"):
-        print(f"  KLD {name:<12} {row['kld'][name]:.5f}")
+        print(f"  KLD {name:<12} {row['kld_' + name]:.5f}")
     print(f"  top-1 agreement  {row['top1_pct']:.2f}%")
-    print(f"  mean delta p     {row['dp_mean_pct']:+.3f}%")
+    print(f"  mean delta p     {row['mean_dp_pct']:+.3f}%")
     return 0
 
 

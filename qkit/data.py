@@ -314,6 +314,16 @@ def _packed_rows(domain: str, n_samples: int, seq_len: int, seed: int,
     return [ids[i * seq_len:(i + 1) * seq_len] for i in range(n_samples)]
 
 
+def check_calibration(name: str, n_samples: int, seq_len: int, seed: int = 0) -> None:
+    """Raise on a calibration request that cannot be built, before any model or text is loaded."""
+    if name not in CALIBRATION_NAMES:
+        raise QkitError(f"unknown calibration set {name!r}", f"use one of {', '.join(CALIBRATION_NAMES)}")
+    _check_positive("n_samples", n_samples)
+    _check_positive("seq_len", seq_len)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise QkitError(f"seed must be an integer, got {seed!r}", "pass seed=0 or another integer")
+
+
 def calibration_set(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
                     tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
     """Exactly n_samples rows of exactly seq_len tokens (`input_ids`, `attention_mask`).
@@ -322,12 +332,7 @@ def calibration_set(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
     EOS, no padding). `random` draws token ids uniformly from the non-special vocabulary; `mixed` is equal
     parts prose, chat and code.
     """
-    if name not in CALIBRATION_NAMES:
-        raise QkitError(f"unknown calibration set {name!r}", f"use one of {', '.join(CALIBRATION_NAMES)}")
-    _check_positive("n_samples", n_samples)
-    _check_positive("seq_len", seq_len)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise QkitError(f"seed must be an integer, got {seed!r}", "pass seed=0 or another integer")
+    check_calibration(name, n_samples, seq_len, seed)
     if name == "random":
         rows = _random_rows(n_samples, seq_len, seed, tokenizer)
     elif name == "mixed":

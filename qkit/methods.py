@@ -208,6 +208,9 @@ class CalibSpec:
     seq_len: int = 512
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        data.check_calibration(self.name, self.n_samples, self.seq_len, self.seed)
+
 
 @dataclass(frozen=True)
 class Checkpoint:

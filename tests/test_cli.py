@@ -1,0 +1,75 @@
+"""The CLI's contract: tables on stdout, and bad input as one line naming the fix, with exit code 2."""
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+import torch
+
+from qkit import cli
+from qkit.methods import METHODS
+from qkit.store import Store
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_methods_lists_every_method(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["method", "format"]
+    assert [line.split()[0] for line in lines[1:]] == list(METHODS)
+
+
+def _remote_code_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "remote"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "my_custom_llm", "auto_map": {
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("case", ["unknown model", "path without weights", "remote code", "unknown method",
+                                  "zero samples", "seq_len too long", "unknown calibration set"])
+def test_bad_input_is_one_line_with_a_fix_and_exit_2(capsys, tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    argv = {
+        "unknown model": ["--model", "no-such-model", "--method", "fp8_dynamic"],
+        "path without weights": ["--model", str(empty), "--method", "fp8_dynamic"],
+        "remote code": ["--model", str(_remote_code_dir(tmp_path)), "--method", "fp8_dynamic"],
+        "unknown method": ["--model", "tiny", "--method", "int3_magic"],
+        "zero samples": ["--model", "tiny", "--method", "w4a16_gptq", "--samples", "0"],
+        "seq_len too long": ["--model", "tiny", "--method", "w4a16_gptq", "--seq-len", "100000"],
+        "unknown calibration set": ["--model", "tiny", "--method", "w4a16_gptq", "--calib", "wikipedia"],
+    }[case]
+    checkpoints = Store().root / "checkpoint"
+    before = set(checkpoints.iterdir()) if checkpoints.exists() else set()
+    code, out, err = run(capsys, "quantize", *argv)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qkit: error: ") and "Fix: " in lines[0], err
+    after = set(checkpoints.iterdir()) if checkpoints.exists() else set()
+    assert after == before  # nothing half-done left behind as an entry
+
+
+def test_report_rejects_malformed_parameter(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "-p", "model"])
+    assert e.value.code == 2
+    assert "expected key=value" in capsys.readouterr().err
+
+
+def test_quantize_prints_path_size_and_ratio(capsys):
+    code, out, err = run(capsys, "quantize", "--model", "tiny", "--method", "w4a16_rtn")
+    assert code == 0, err
+    path, summary = out.strip().splitlines()
+    assert (Path(path) / "config.json").exists()
+    assert "size on disk" in summary and "ratio to BF16" in summary
