@@ -50,14 +50,14 @@ def evaluate_method(loaded: models.LoadedModel, method: str, *, calib: CalibSpec
     result = store.get_json(
         "evaluation", {"checkpoint": ckpt.path.name, "eval": dataclasses.asdict(eval_spec)},
         lambda: compare(methods.load_quantized(ckpt), loaded, eval_spec, store, label=m.name))
-    bf16 = models.bf16_bytes(loaded.model)
     return {
         "method": m.name, "title": m.title, "weight_format": m.weight_format,
         "weight_bits": m.weight_bits, "act_bits": m.act_bits, "group_size": m.group_size,
-        "needs_calibration": m.needs_calibration, "native_hardware": m.native_hardware,
+        "needs_calibration": m.needs_calibration, "native_hardware": str(m.native_hardware),
         "format": ckpt.meta.get("format"), "size_mb": ckpt.size_bytes / 1e6,
-        "bf16_mb": bf16 / 1e6, "reduction_vs_bf16": bf16 / ckpt.size_bytes,
-        "quant_seconds": ckpt.seconds, "quant_peak_rss_mb": ckpt.meta.get("peak_rss_mb"),
+        "bf16_run_mb": ckpt.bf16_run_bytes / 1e6, "bf16_mb": ckpt.bf16_bytes / 1e6,
+        "reduction_vs_bf16": 1 / ckpt.bf16_ratio,
+        "quant_seconds": ckpt.seconds, "quant_peak_rss_mb": ckpt.meta.get("peak_rss_bytes", 0) / 1e6,
         "checkpoint": str(ckpt.path), **_row(result, seed), "error": None,
     }
 
@@ -87,3 +87,105 @@ def methods_study(model: str = "smollm2-135m", method_names: Sequence[str] | Non
     df = pd.DataFrame(rows)
     df.attrs["model"] = loaded.info
     return df
+
+
+def methods_table(method_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """The registry as a table: what each method stores, whether it calibrates, where it runs natively."""
+    rows = [{"method": m.name, "what it is": m.title, "weights": m.weight_format,
+             "bits (W/A)": f"{m.weight_bits}/{m.act_bits or 16}", "group": m.group_size or "-",
+             "calibration": "yes" if m.needs_calibration else "no", "runs natively on": str(m.native_hardware)}
+            for m in (methods.get_method(n) for n in (method_names or methods.METHODS))]
+    return pd.DataFrame(rows).set_index("method")
+
+
+RESULT_COLUMNS = {
+    "size_mb": "size (MB)", "reduction_vs_bf16": "× smaller than BF16", "ppl_quant": "perplexity",
+    "kld_mean": "KLD mean", "kld_p99": "KLD p99", "top1_pct": "top-1 agree (%)",
+    "mean_dp_pct": "mean Δp (%)", "ppl_recovery_pct": "ppl recovery (%)", "quant_seconds": "quantize (s)",
+    "error": "error",
+}
+
+
+def results_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The columns a reader compares first, rounded; the full table stays in `df`."""
+    cols = [c for c in RESULT_COLUMNS if c in df and (c != "error" or df[c].notna().any())]
+    return df.set_index("method")[cols].rename(columns=RESULT_COLUMNS).round(
+        {"size (MB)": 1, "× smaller than BF16": 2, "perplexity": 3, "KLD mean": 5, "KLD p99": 4,
+         "top-1 agree (%)": 2, "mean Δp (%)": 3, "ppl recovery (%)": 2, "quantize (s)": 1})
+
+
+# Tensor roles in a compressed-tensors checkpoint, by name suffix, so that the bytes spent on scales
+# and zero points can be told apart from the quantized weights and from what stays in float.
+_ROLES = (("weight_packed", "quantized weights"), ("weight_scale", "scales"),
+          ("weight_global_scale", "scales"), ("input_scale", "scales"), ("input_global_scale", "scales"),
+          ("weight_zero_point", "zero points"), ("weight_shape", "metadata"))
+
+
+def size_breakdown(df: pd.DataFrame) -> pd.DataFrame:
+    """Bytes on disk per method split into quantized weights, scales, zero points and float tensors,
+    read from the checkpoints' safetensors headers."""
+    import json
+    import struct
+    from pathlib import Path
+
+    rows = []
+    for _, r in df.dropna(subset=["checkpoint"]).iterrows():
+        quantized_layers = set()
+        sizes: dict[str, int] = {}
+        entries = []
+        for f in sorted(Path(r["checkpoint"]).glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            for name, t in header.items():
+                if name != "__metadata__":
+                    entries.append((name, t["data_offsets"][1] - t["data_offsets"][0]))
+        for name, _ in entries:
+            if name.endswith(("weight_scale", "weight_packed")):
+                quantized_layers.add(name.rsplit(".", 1)[0])
+        for name, nbytes in entries:
+            prefix, _, leaf = name.rpartition(".")
+            role = next((label for suffix, label in _ROLES if leaf == suffix), None)
+            if role is None:
+                role = "quantized weights" if prefix in quantized_layers and leaf == "weight" else "float (unquantized)"
+            sizes[role] = sizes.get(role, 0) + nbytes
+        rows.append({"method": r["method"], **{k: v / 1e6 for k, v in sizes.items()}})
+    cols = ["quantized weights", "scales", "zero points", "float (unquantized)", "metadata"]
+    out = pd.DataFrame(rows).set_index("method").fillna(0.0)
+    return out[[c for c in cols if c in out]].round(2).add_suffix(" (MB)")
+
+
+def model_note(df: pd.DataFrame):
+    """A short markdown note on the model and baseline that the numbers refer to."""
+    from IPython.display import Markdown
+
+    info = df.attrs.get("model", {})
+    ok = df[df["error"].isna()] if "error" in df else df
+    lines = [f"**Model:** `{info.get('spec')}` ({info.get('n_params', 0) / 1e6:.1f}M parameters, "
+             f"{info.get('kind')}); baseline perplexity on this text: "
+             f"{ok['ppl_base'].iloc[0]:.3f}." if len(ok) else f"**Model:** `{info.get('spec')}`."]
+    if info.get("name") == "smollm2-135m":
+        lines.append(
+            "**Caveat:** SmolLM2's weights reach qkit from a Q4_1 GGUF, so they already sit on a 4-bit grid "
+            "in blocks of 32. INT4 round-to-nearest at group size 32 would reproduce them exactly and look "
+            "lossless; qkit uses group size 128, where the rounding error is like a natural weight "
+            "matrix's.")
+    failed = df[df["error"].notna()] if "error" in df else df.iloc[:0]
+    for _, r in failed.iterrows():
+        lines.append(f"**{r['method']} failed:** {r['error']}")
+    return Markdown("\n\n".join(lines))
+
+
+def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Where each result came from: the checkpoint's manifest (recipe, calibration, seed, versions)."""
+    from pathlib import Path
+
+    rows = []
+    for _, r in df.dropna(subset=["checkpoint"]).iterrows():
+        m = Store.manifest(Path(r["checkpoint"]))
+        prov = m["provenance"]
+        rows.append({"method": r["method"], "cache key": m["key"],
+                     "calibration": m["spec"].get("calibration") or "none (not needed)",
+                     "built": prov["time"], "git commit": prov["git_commit"],
+                     "hardware": f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}",
+                     **{k: v for k, v in prov["libraries"].items()}})
+    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
