@@ -84,11 +84,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{row['method']} on {args.model}, {row['n_tokens']} tokens of held-out {args.eval_text}")
     print(f"  perplexity       {row['ppl_quant']:.3f}  (baseline {row['ppl_base']:.3f}; "
-          f"95% CI {row['ppl_low']:.3f}-{row['ppl_high']:.3f})")
-    print(f"  KLD mean         {row['kld_mean']:.5f}  (95% CI {row['kld_low']:.5f}-{row['kld_high']:.5f})")
+          f"95% CI {row['ppl_quant_low']:.3f}-{row['ppl_quant_high']:.3f})")
+    print(f"  KLD mean         {row['kld_mean']:.5f}  (95% CI {row['kld_mean_low']:.5f}-{row['kld_mean_high']:.5f})")
     for name in ("median", "p90", "p99", "p99.9", "max"):
         print(f"  KLD {name:<12} {row['kld_' + name]:.5f}")
-    print(f"  top-1 agreement  {row['top1_pct']:.2f}%")
+    print(f"  top-1 agreement  {row['top1_pct']:.2f}%  (95% CI {row['top1_pct_low']:.2f}-{row['top1_pct_high']:.2f})")
     print(f"  mean delta p     {row['mean_dp_pct']:+.3f}%")
     return 0
 

@@ -21,7 +21,7 @@ def size_vs_kld(df: pd.DataFrame) -> Figure:
     """Checkpoint size against mean KLD to the baseline, with bootstrap CIs: down and left is better."""
     d = _ok(df).dropna(subset=["kld_mean"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    yerr = np.vstack([d["kld_mean"] - d["kld_low"], d["kld_high"] - d["kld_mean"]])
+    yerr = np.vstack([d["kld_mean"] - d["kld_mean_low"], d["kld_mean_high"] - d["kld_mean"]])
     ax.errorbar(d["size_mb"], d["kld_mean"], yerr=yerr, fmt="o", capsize=3)
     for _, r in d.iterrows():
         ax.annotate(r["method"], (r["size_mb"], r["kld_mean"]), textcoords="offset points", xytext=(5, 4),

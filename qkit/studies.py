@@ -33,8 +33,8 @@ def _row(result: dict, seed: int) -> dict:
     dnll, dnll_lo, dnll_hi = _ci(result["chunk_nll"], paired_with=result["chunk_nll_base"], seed=seed)
     row = {k: v for k, v in result.items() if not k.startswith("chunk_")}
     row.update(
-        kld_mean=kld, kld_low=kld_lo, kld_high=kld_hi,
-        ppl_low=math.exp(nll_lo), ppl_high=math.exp(nll_hi),
+        kld_mean=kld, kld_mean_low=kld_lo, kld_mean_high=kld_hi,
+        ppl_quant_low=math.exp(nll_lo), ppl_quant_high=math.exp(nll_hi),
         top1_pct=100 * top1, top1_pct_low=100 * top1_lo, top1_pct_high=100 * top1_hi,
         delta_nll=dnll, delta_nll_low=dnll_lo, delta_nll_high=dnll_hi,
     )
