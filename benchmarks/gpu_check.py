@@ -8,7 +8,7 @@
    FP8 against BF16 GEMM throughput at a size where tensor cores dominate.
 4. vLLM, if installed.
 
-    python benchmarks/gpu_check.py [--out results.json]
+    python benchmarks/gpu_check.py [--model tiny] [--out results.json]
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def fp8_kernel_check(ckpt_dir: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--model", default="tiny", help="built-in name or local directory (default tiny)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this script checks the GPU paths and has nothing to do here")
@@ -99,7 +100,7 @@ def main() -> None:
     cap = torch.cuda.get_device_capability()
     report["native"] = native_table(cap)
     print(json.dumps(report, indent=1), flush=True)
-    loaded = models.resolve_model("tiny")
+    loaded = models.resolve_model(args.model)
     report["methods"] = quantize_and_evaluate(loaded, ["fp8_dynamic", "fp8_static", "w4a16_gptq", "w8a8_int8"])
     print(json.dumps(report["methods"], indent=1), flush=True)
     ckpt = methods.quantize(loaded, "fp8_dynamic")
