@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import yaml
 
 from qkit.errors import QkitError
-
-DEFAULT_MODEL = "smollm2-135m"
+from qkit.models import DEFAULT_MODEL
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

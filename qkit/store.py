@@ -118,6 +118,7 @@ class Store:
         final = self.path(kind, spec)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.building."))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache is shared by whoever can read its root
         try:
             started = time.time()
             meta = build(tmp) or {}

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import struct
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -62,7 +65,7 @@ def evaluate_method(loaded: models.LoadedModel, method: str, *, calib: CalibSpec
     }
 
 
-def methods_study(model: str = "smollm2-135m", method_names: Sequence[str] | None = None, *,
+def methods_study(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] | None = None, *,
                   calib: CalibSpec | None = None, eval_spec: EvalSpec = EvalSpec(),
                   store: Store | None = None, seed: int = 0) -> pd.DataFrame:
     """Quantize `model` with each method and measure what it costs against the float baseline.
@@ -124,10 +127,6 @@ _ROLES = (("weight_packed", "quantized weights"), ("weight_scale", "scales"),
 def size_breakdown(df: pd.DataFrame) -> pd.DataFrame:
     """Bytes on disk per method split into quantized weights, scales, zero points and float tensors,
     read from the checkpoints' safetensors headers."""
-    import json
-    import struct
-    from pathlib import Path
-
     rows = []
     for _, r in df.dropna(subset=["checkpoint"]).iterrows():
         quantized_layers = set()
@@ -163,7 +162,7 @@ def model_note(df: pd.DataFrame):
     lines = [f"**Model:** `{info.get('spec')}` ({info.get('n_params', 0) / 1e6:.1f}M parameters, "
              f"{info.get('kind')}); baseline perplexity on this text: "
              f"{ok['ppl_base'].iloc[0]:.3f}." if len(ok) else f"**Model:** `{info.get('spec')}`."]
-    if info.get("name") == "smollm2-135m":
+    if info.get("source", {}).get("package") == models.SMOLLM2_SOURCE["package"]:
         lines.append(
             "**Caveat:** SmolLM2's weights reach qkit from a Q4_1 GGUF, so they already sit on a 4-bit grid "
             "in blocks of 32. INT4 round-to-nearest at group size 32 would reproduce them exactly and look "
@@ -177,14 +176,14 @@ def model_note(df: pd.DataFrame):
 
 def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
     """Where each result came from: the checkpoint's manifest (recipe, calibration, seed, versions)."""
-    from pathlib import Path
-
     rows = []
     for _, r in df.dropna(subset=["checkpoint"]).iterrows():
         m = Store.manifest(Path(r["checkpoint"]))
         prov = m["provenance"]
+        calib = m["spec"].get("calibration")
         rows.append({"method": r["method"], "cache key": m["key"],
-                     "calibration": m["spec"].get("calibration") or "none (not needed)",
+                     "calibration": (f"{calib['name']}, {calib['n_samples']} x {calib['seq_len']} tokens, "
+                                     f"seed {calib['seed']}") if calib else "none (not needed)",
                      "built": prov["time"], "git commit": prov["git_commit"],
                      "hardware": f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}",
                      **{k: v for k, v in prov["libraries"].items()}})

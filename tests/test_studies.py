@@ -1,0 +1,54 @@
+import pytest
+
+from qkit import models, studies
+from qkit.evaluation import EvalSpec
+from qkit.methods import CalibSpec
+
+SPEC = EvalSpec(n_tokens=1024, ctx=256)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.resolve_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def rows(tiny):
+    return [studies.evaluate_method(tiny, m, calib=CalibSpec("prose", 8, 128), eval_spec=SPEC)
+            for m in ("fp8_dynamic", "w4a16_rtn")]
+
+
+def test_rows_carry_cis_that_bracket_the_point(rows):
+    for r in rows:
+        for metric in ("kld_mean", "top1_pct", "delta_nll"):
+            assert r[f"{metric}_low"] <= r[metric] <= r[f"{metric}_high"], metric
+        assert r["ppl_quant_low"] <= r["ppl_quant"] <= r["ppl_quant_high"]
+        assert r["kld_mean"] > 0 and r["reduction_vs_bf16"] > 1
+
+
+def test_size_breakdown_accounts_for_every_byte_and_the_int4_weights(tiny, rows):
+    import pandas as pd
+    from pathlib import Path
+    from safetensors import safe_open
+
+    df = pd.DataFrame(rows)
+    parts = studies.size_breakdown(df)
+    for r in rows:
+        total = 0
+        for f in Path(r["checkpoint"]).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                total += sum(st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys())
+        assert parts.loc[r["method"]].sum() * 1e6 == pytest.approx(total, abs=0.005e6 * parts.shape[1])  # 2-decimal MB
+    linear_weights = sum(m.weight.numel() for n, m in tiny.model.named_modules()
+                         if type(m).__name__ == "Linear" and not n.endswith("lm_head"))
+    assert parts.loc["w4a16_rtn", "quantized weights (MB)"] == pytest.approx(linear_weights / 2 / 1e6, abs=0.01)
+    assert parts.loc["fp8_dynamic", "quantized weights (MB)"] == pytest.approx(linear_weights / 1e6, abs=0.01)
+
+
+def test_results_table_and_methods_table(rows):
+    import pandas as pd
+
+    table = studies.results_table(pd.DataFrame(rows))
+    assert list(table.index) == ["fp8_dynamic", "w4a16_rtn"]
+    assert "KLD mean" in table.columns and "error" not in table.columns
+    assert set(studies.methods_table().index) >= {"fp8_dynamic", "nvfp4"}
