@@ -204,7 +204,7 @@ def recipe(method: Method) -> list[Modifier]:
 class CalibSpec:
     """Which calibration set oneshot sees: `qkit.data.calibration_set(name, n_samples, seq_len, seed)`."""
     name: str = "prose"
-    n_samples: int = 64
+    n_samples: int = 32
     seq_len: int = 512
     seed: int = 0
 
