@@ -62,7 +62,8 @@ def main() -> None:
                 else:
                     times[side].append(via_qkit(loaded, method, calib, Path(tmp) / "store"))
     d, q = min(times["direct"]), min(times["qkit"])
-    print(f"{args.method} on {args.model}, calibration prose {args.samples} x {args.seq_len}, best of {args.repeats}")
+    data_note = f"calibration prose {args.samples} x {args.seq_len}" if method.needs_calibration else "no calibration"
+    print(f"{args.method} on {args.model}, {data_note}, best of {args.repeats}")
     print(f"  oneshot direct: {d:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times['direct'])})")
     print(f"  qkit quantize:  {q:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in times['qkit'])})")
     print(f"  overhead ratio: {q / d:8.3f}   (target <= 1.05: {'met' if q / d <= 1.05 else 'NOT met'})")
