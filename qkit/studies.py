@@ -165,9 +165,9 @@ def model_note(df: pd.DataFrame):
     if info.get("source", {}).get("package") == models.SMOLLM2_SOURCE["package"]:
         lines.append(
             "**Caveat:** SmolLM2's weights reach qkit from a Q4_1 GGUF, so they already sit on a 4-bit grid "
-            "in blocks of 32. INT4 round-to-nearest at group size 32 would reproduce them exactly and look "
-            "lossless; qkit uses group size 128, where the rounding error is like a natural weight "
-            "matrix's.")
+            "in blocks of 32, where INT4 at group size 32 could look lossless. qkit's INT4 methods use group "
+            "size 64 (128, the usual choice, does not divide SmolLM2's 576-wide layers, which llm-compressor "
+            "refuses); at 64 the rounding error is like a natural weight matrix's.")
     failed = df[df["error"].notna()] if "error" in df else df.iloc[:0]
     for _, r in failed.iterrows():
         lines.append(f"**{r['method']} failed:** {r['error']}")
