@@ -45,6 +45,10 @@ class EvalSpec:
     ctx: int = 512
     batch_size: int = 4
 
+    def key(self) -> dict:
+        """The fields that change results, for cache keys: batch_size changes only speed."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+
     def __post_init__(self) -> None:
         if self.domain not in data.EVAL_DOMAINS:
             raise QkitError(f"unknown eval text {self.domain!r}", f"use one of {', '.join(data.EVAL_DOMAINS)}")
@@ -121,10 +125,8 @@ def _check_head(loaded: LoadedModel, hidden: torch.Tensor, logits: torch.Tensor)
 
 
 def _spec_key(loaded: LoadedModel, spec: EvalSpec) -> dict:
-    # batch_size changes nothing but speed, so it stays out of the key; the dtype changes the states.
-    s = asdict(spec)
-    s.pop("batch_size")
-    return {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], **s}
+    # The dtype changes the hidden states.
+    return {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], **spec.key()}
 
 
 def _baseline(loaded: LoadedModel, spec: EvalSpec, store: Store, chunks: torch.Tensor) -> Baseline:

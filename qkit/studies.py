@@ -1,7 +1,6 @@
 """Studies: one function each, returning a tidy results table that its notebook and the CLI both use."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import struct
@@ -51,7 +50,7 @@ def evaluate_method(loaded: models.LoadedModel, method: str, *, calib: CalibSpec
     m = methods.get_method(method)
     ckpt = methods.quantize(loaded, m, calib=calib, store=store)
     result = store.get_json(
-        "evaluation", {"checkpoint": ckpt.path.name, "eval": dataclasses.asdict(eval_spec)},
+        "evaluation", {"checkpoint": ckpt.path.name, "eval": eval_spec.key()},
         lambda: compare(methods.load_quantized(ckpt), loaded, eval_spec, store, label=m.name))
     return {
         "method": m.name, "title": m.title, "weight_format": m.weight_format,
