@@ -10,3 +10,14 @@ os.environ.setdefault("QKIT_CACHE", str(Path(__file__).resolve().parent / ".qkit
 # No test may reach a model hub, even by accident.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The built-in tiny model, loaded once for the whole run."""
+    from qkit.models import resolve_model
+
+    return resolve_model("tiny")

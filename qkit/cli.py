@@ -43,15 +43,19 @@ def _param(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in [list(header), *rows]) for i in range(len(header))]
+    for r in [list(header), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from qkit.methods import METHODS
 
-    rows = [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", str(m.group_size or "-"),
-             "yes" if m.needs_calibration else "no", str(m.native_hardware)) for m in METHODS.values()]
-    header = ("method", "format", "bits", "group", "calibration", "runs natively on")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for r in [header] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    _print_table(("method", "format", "bits", "group", "calibration", "runs natively on"),
+                 [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", m.group_size or "-",
+                   "yes" if m.needs_calibration else "no", m.native_hardware) for m in METHODS.values()])
     return 0
 
 
@@ -92,6 +96,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from qkit import tasks
+
+    rows = tasks.item_counts()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _print_table(("task", "family", "items", "metric", "source"),
+                 [(r["task"], r["family"], r["items"], r["metric"], r["source"]) for r in rows])
+    print(f"\nlm-eval include path: {tasks.TASK_DIR}  (passkey items: default lengths x depths x per-cell)")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from qkit import sensitivity
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    lengths = [int(n) for n in args.context_lengths.split(",")] if args.context_lengths else None
+    res = sensitivity.run(args.model, methods, args.tasks, profile=args.profile, limit=args.limit,
+                          context_lengths=lengths, calib=_calib(args), trust_remote_code=args.trust_remote_code)
+    fam = sensitivity.family_table(res)
+    if args.json:
+        print(json.dumps({"families": fam.to_dict("records"), "tasks": sensitivity.task_table(res).to_dict("records"),
+                          "meta": res.meta}, indent=2, default=str))
+        return 0
+    print(sensitivity.display_table(fam).to_string(index=False))
+    print()
+    print("\n".join(line.replace("**", "").replace("*", "") for line in sensitivity.findings(res)))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from qkit.report import run_report
 
@@ -121,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="tokens per evaluation chunk (default 512)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tasks", help="list the offline lm-eval tasks with item counts and sources")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("sensitivity", help="score methods on arithmetic, code, long-context and summarization tasks")
+    _model_args(p)
+    p.add_argument("--methods", default="fp8_dynamic,w8a8_int8,w4a16_gptq,w4a16_awq",
+                   help="comma-separated methods (default fp8_dynamic,w8a8_int8,w4a16_gptq,w4a16_awq)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks or families (default: all; see `qkit tasks`)")
+    p.add_argument("--profile", default="quick", help="quick (minutes on a CPU) or full (default quick)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: the profile's)")
+    p.add_argument("--context-lengths", default=None, metavar="N,N,...",
+                   help="passkey context lengths in tokens (default: the profile's; quick 512,1024, full to 8192)")
+    _calib_args(p)
+    p.add_argument("--json", action="store_true", help="print the family and task tables as JSON")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("report", help="execute notebooks into HTML reports under reports/")
     p.add_argument("notebooks", nargs="*", help="notebook names (default: all in notebooks/)")

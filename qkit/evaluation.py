@@ -1,4 +1,5 @@
-"""Teacher-forced evaluation of a model against its unquantized baseline on held-out text.
+"""Teacher-forced evaluation of a model against its unquantized baseline on held-out text (or on the
+prompts of a task, for the KLD column of the task-sensitivity study).
 
 The text is cut into equal chunks of `ctx` tokens, each scored independently (as llama.cpp's
 perplexity tool does), every position predicting the next token. The baseline is run once per
@@ -36,6 +37,8 @@ from qkit.store import Store
 # A rebuilt logit may differ from the model's own by this fraction of the largest |logit|: float
 # rounding only (the matmul may be blocked differently), far below anything that moves a KLD.
 _HEAD_RTOL = 1e-4
+# EvalSpec(domain="task:qkit_gsm8k") evaluates on a task's prompts instead of a held-out text.
+TASK_PREFIX = "task:"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,13 @@ class EvalSpec:
         return {k: v for k, v in asdict(self).items() if k != "batch_size"}
 
     def __post_init__(self) -> None:
-        if self.domain not in data.EVAL_DOMAINS:
-            raise QkitError(f"unknown eval text {self.domain!r}", f"use one of {', '.join(data.EVAL_DOMAINS)}")
+        if self.domain.startswith(TASK_PREFIX):
+            from qkit import tasks
+
+            tasks.get_task(self.domain.removeprefix(TASK_PREFIX))
+        elif self.domain not in data.EVAL_DOMAINS:
+            raise QkitError(f"unknown eval text {self.domain!r}",
+                            f"use one of {', '.join(data.EVAL_DOMAINS)}, or {TASK_PREFIX}<task> for a task's prompts")
         for name in ("n_tokens", "ctx", "batch_size"):
             if getattr(self, name) <= 0:
                 raise QkitError(f"{name} must be positive, got {getattr(self, name)}", f"pass a {name} above 0")
@@ -71,6 +79,12 @@ def eval_chunks(loaded: LoadedModel, spec: EvalSpec) -> torch.Tensor:
     """[n_chunks, ctx] token ids of the held-out text; the remainder that fills no chunk is dropped."""
     data.check_seq_len(spec.ctx, loaded.info["max_length"])
     n = spec.n_tokens - spec.n_tokens % spec.ctx
+    if spec.domain.startswith(TASK_PREFIX):
+        from qkit import tasks
+
+        task = tasks.get_task(spec.domain.removeprefix(TASK_PREFIX))
+        return data.text_tokens(tasks.prompts(task, loaded.tokenizer, loaded.info["max_length"]), loaded.tokenizer, n,
+                                f"the prompts of {task.name}").view(-1, spec.ctx)
     return data.eval_tokens(spec.domain, loaded.tokenizer, n).view(-1, spec.ctx)
 
 

@@ -67,3 +67,36 @@ def memory_reduction(df: pd.DataFrame) -> Figure:
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+
+def recovery_by_family(fam: pd.DataFrame) -> Figure:
+    """One panel per method: recovery % of the baseline's score per task family (100 = no loss). Error
+    bars are the 95% paired-bootstrap CI of the score difference, over the baseline's score; a bar whose
+    bar crosses 100 shows no detectable change. "baseline 0" marks a family this model cannot do at all,
+    where recovery is undefined and no loss can show."""
+    methods = list(dict.fromkeys(fam["method"]))
+    families = list(dict.fromkeys(fam["family"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 0.8, 3.8), sharey=True, squeeze=False)
+    colors = dict(zip(families, plt.cm.tab10.colors))
+    for ax, method in zip(axes[0], methods):
+        d = fam[fam["method"] == method].set_index("family").reindex(families)
+        x = np.arange(len(families))
+        base = d["score_base"].to_numpy(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rec = np.where(base > 0, 100 * d["score"].to_numpy(float) / base, np.nan)
+            low = np.where(base > 0, 100 * (1 + d["diff_low"].to_numpy(float) / base), np.nan)
+            high = np.where(base > 0, 100 * (1 + d["diff_high"].to_numpy(float) / base), np.nan)
+        err = np.nan_to_num(np.vstack([rec - low, high - rec]))
+        ax.bar(x, np.nan_to_num(rec), yerr=err, capsize=3, color=[colors[f] for f in families], alpha=0.85)
+        for xi, b, r in zip(x, base, rec):
+            if not b > 0:
+                ax.annotate("baseline 0", (xi, 0), textcoords="offset points", xytext=(0, 3), ha="center",
+                            fontsize=7, rotation=90, va="bottom")
+        ax.axhline(100, color="black", lw=0.8, ls="--")
+        ax.set_xticks(x, [f.replace("_", " ") for f in families], rotation=30, ha="right")
+        ax.set_title(method, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("recovery of baseline score (%)")
+    fig.tight_layout()
+    return fig

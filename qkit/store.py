@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,32 @@ class Store:
             write_json_atomic(tmp / "result.json", compute())
 
         return json.loads((self.get_dir(kind, spec, build) / "result.json").read_text())
+
+    def get_items(self, kind: str, spec: dict, ids: Sequence[str],
+                  compute: Callable[[list[str]], dict[str, Any]], *, batch: int = 16) -> dict[str, Any]:
+        """Per-item results (e.g. one task item's score), kept in one JSON file per spec.
+
+        Only ids missing from the file are computed, `batch` at a time, and the file is rewritten
+        atomically after each batch: adding items or resuming an interrupted run computes only the rest.
+        An unreadable file is set aside as ``items.json.bad`` and its items recomputed.
+        """
+        path = self.path(kind, spec) / "items.json"
+        done: dict[str, Any] = {}
+        if path.exists():
+            try:
+                done = json.loads(path.read_text())["items"]
+            except (OSError, ValueError, KeyError, TypeError):
+                os.replace(path, path.with_suffix(".json.bad"))
+        missing = [i for i in dict.fromkeys(ids) if i not in done]
+        for start in range(0, len(missing), batch):
+            part = missing[start:start + batch]
+            new = compute(part)
+            absent = [i for i in part if i not in new]
+            if absent:
+                raise RuntimeError(f"{kind}: compute() returned no result for {absent[:3]}")
+            done.update({i: new[i] for i in part})
+            write_json_atomic(path, {"kind": kind, "spec": spec, "provenance": provenance.collect(), "items": done})
+        return {i: done[i] for i in ids}
 
     @staticmethod
     def manifest(path: Path) -> dict:

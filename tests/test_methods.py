@@ -175,13 +175,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from qkit.models import resolve_model
-
-    return resolve_model("tiny")
-
-
-@pytest.fixture(scope="module")
 def eval_ids(tiny):
     return data.eval_tokens("prose", tiny.tokenizer, n_tokens=4 * 256).view(4, 256)
 

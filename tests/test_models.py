@@ -19,11 +19,6 @@ from qkit.models import bf16_bytes, fingerprint, max_length, n_params, resolve_m
 from qkit.store import Store
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return resolve_model("tiny")
-
-
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

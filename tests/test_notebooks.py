@@ -24,3 +24,17 @@ def test_methods_notebook_reports_every_method_with_table_and_figures(tmp_path):
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["02_quantization_methods"]["status"] == "ok"
     assert (tmp_path / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_task_sensitivity_notebook_reports_families_cis_and_flips(tmp_path):
+    params = {"model": "tiny", "methods": ["fp8_dynamic", "w4a16_rtn"], "limit": 2, "samples": 16, "seq_len": 128}
+    records = run_report(["04_task_sensitivity"], params, tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "04_task_sensitivity.html").read_text()
+    for family in ("arithmetic", "code", "long_context", "summarization"):
+        assert f">{family}<" in html, family
+    assert "change pp [95% CI]" in html and "correct_to_wrong" in html  # family table and flip table
+    assert "against the claim" in html
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
+    assert "Traceback" not in html

@@ -8,11 +8,6 @@ SPEC = EvalSpec(n_tokens=1024, ctx=256)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return models.resolve_model("tiny")
-
-
-@pytest.fixture(scope="module")
 def rows(tiny):
     return [studies.evaluate_method(tiny, m, calib=CalibSpec("prose", 8, 128), eval_spec=SPEC)
             for m in ("fp8_dynamic", "w4a16_rtn")]

@@ -1,0 +1,350 @@
+"""Task sensitivity: how much each quantization method costs on arithmetic, code, long context and
+summarization, item by item, against the unquantized baseline.
+
+For each method x task it gives the score, recovery % of the baseline's score, a paired bootstrap CI of
+the difference (items are the units), flips in both directions for right/wrong tasks (Dutta et al.
+2024), and the mean KLD to the baseline on the task's prompts. Families pool the items of their
+score tasks. Every item's result is cached per (model, method, task, item), so adding a method, a task
+or items reuses everything computed before.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from qkit import methods, metrics, models, provenance, tasks
+from qkit.errors import QkitError
+from qkit.evaluation import TASK_PREFIX, EvalSpec, compare
+from qkit.methods import CalibSpec
+from qkit.store import Store
+from qkit.tasks import items as task_items
+
+BASELINE = "baseline"
+DEFAULT_METHODS = ("fp8_dynamic", "w8a8_int8", "w4a16_gptq", "w4a16_awq")
+CI_BOOT = 2000
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of each task to run. Items are spread evenly over a task (every k-th), so that a limit
+    still covers all of BIG-bench's digit counts and operations."""
+
+    name: str
+    limit: int | None  # items per task; None = all
+    context_lengths: tuple[int, ...]  # passkey
+    depths: tuple[float, ...]  # passkey
+    per_cell: int  # passkey items per (length, depth)
+    kld_tokens: int  # prompt tokens per task for the KLD column
+    max_gen_toks: int | None  # cap on generated tokens (None: each task's own)
+    batch_size: int = 8
+
+
+PROFILES = {
+    # ≤ 10 minutes for the baseline and four methods on SmolLM2-135M with 2 CPU cores: wide CIs, meant
+    # to show the machinery and gross effects. Passkey at 512-1024 tokens only.
+    "quick": Profile("quick", limit=8, context_lengths=(512, 1024), depths=(0.0, 0.5, 1.0), per_cell=1,
+                     kld_tokens=512, max_gen_toks=128, batch_size=8),
+    # Every item, passkey up to 8K: for a GPU, or a CPU with hours to spare.
+    "full": Profile("full", limit=None, context_lengths=task_items.CONTEXT_LENGTHS, depths=task_items.DEPTHS,
+                    per_cell=task_items.PASSKEY_PER_CELL, kld_tokens=4096, max_gen_toks=None, batch_size=16),
+}
+
+
+def get_profile(profile: str | Profile) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    if profile not in PROFILES:
+        raise QkitError(f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}")
+    return PROFILES[profile]
+
+
+@dataclass
+class SensitivityResult:
+    items: pd.DataFrame  # one row per (method, task, item): method, task, family, id, score, output
+    kld: pd.DataFrame  # one row per (method, task): kld_mean, top1_agreement_pct, n_tokens
+    meta: dict = field(default_factory=dict)
+
+
+def _code_hash() -> str:
+    """The task definitions and scorers: a changed prompt or scorer must not reuse old item results."""
+    files = sorted(tasks.TASK_DIR.glob("*.yaml")) + [Path(task_items.__file__), Path(tasks.__file__).parent / "scoring.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _options(task: tasks.Task, prof: Profile) -> dict:
+    if not task.needs_tokenizer:
+        return {}
+    return {"context_lengths": list(prof.context_lengths), "depths": list(prof.depths), "per_cell": prof.per_cell}
+
+
+def spread(n_available: int, limit: int) -> list[int]:
+    """`limit` indices spread evenly over range(n_available), first and last included."""
+    return sorted({int(round(x)) for x in np.linspace(0, n_available - 1, limit)})
+
+
+class _Lazy:
+    """A model that is loaded only if some result is missing from the cache."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load, self._model = load, None
+
+    def __call__(self) -> Any:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+
+def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT_METHODS,
+        task_names: str | Sequence[str] | None = None, *, profile: str | Profile = "quick", limit: int | None = None,
+        context_lengths: Sequence[int] | None = None, calib: CalibSpec | None = None, store: Store | None = None,
+        trust_remote_code: bool = False) -> SensitivityResult:
+    """Run the baseline and each method on each task (cached per item) and measure the KLD on the prompts.
+
+    ``limit`` (items per task) and ``context_lengths`` (passkey, in tokens) override the profile's.
+    """
+    prof = get_profile(profile)
+    if context_lengths is not None:
+        prof = replace(prof, context_lengths=tuple(context_lengths))
+    store = store or Store()
+    chosen = tasks.resolve(task_names)
+    names = list(dict.fromkeys(method_names))
+    for name in names:
+        methods.get_method(name)  # fail on a typo before minutes of work
+    loaded = models.resolve_model(model, store=store, trust_remote_code=trust_remote_code)
+    max_len = loaded.info["max_length"]
+    if any(t.needs_tokenizer for t in chosen):
+        task_items.check_context_lengths(prof.context_lengths, max_len)
+    plan = []
+    for task in chosen:
+        docs = tasks.load_items(task, loaded.tokenizer, **_options(task, prof), max_len=max_len)
+        # A limit the user asked for must exist; the profile's is a cap.
+        n = (tasks.check_limit(task, limit, len(docs)) if limit is not None
+             else min(prof.limit or len(docs), len(docs)))
+        plan.append((task, [docs[i]["id"] for i in spread(len(docs), n)], {d["id"]: i for i, d in enumerate(docs)}))
+
+    variants: list[tuple[str, str, _Lazy]] = [(BASELINE, "float", _Lazy(lambda: loaded.model))]
+    checkpoints = {}
+    for name in names:
+        ckpt = methods.quantize(loaded, name, calib=calib, store=store)
+        checkpoints[name] = str(ckpt.path)
+        variants.append((name, ckpt.path.name, _Lazy(lambda c=ckpt: methods.load_quantized(c))))
+
+    rows, kld_rows, seconds = [], [], {}
+    code = _code_hash()
+    for label, identity, get_model in tqdm(variants, desc="models", unit="model"):
+        for task, ids, index_of in tqdm(plan, desc=label, unit="task", leave=False):
+            spec = {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], "variant": identity,
+                    "task": task.name, "options": _options(task, prof), "max_gen_toks": prof.max_gen_toks,
+                    "code": code, "scorers": tasks.scoring_versions(task)}
+            started = time.perf_counter()
+
+            def compute(part: list[str], task=task, index_of=index_of, get_model=get_model) -> dict[str, dict]:
+                records, _ = tasks.evaluate(get_model(), loaded.tokenizer, task, [index_of[i] for i in part],
+                                            options=_options(task, prof), batch_size=prof.batch_size,
+                                            max_length=max_len, max_gen_toks=prof.max_gen_toks)
+                return {r["id"]: r for r in records}
+
+            done = store.get_items("task_items", spec, ids, compute, batch=max(prof.batch_size, 16))
+            seconds[(label, task.name)] = round(time.perf_counter() - started, 2)
+            rows += [{"method": label, "task": task.name, "family": task.family, "id": i,
+                      "score": r["score"], "output": r.get("output")} for i, r in done.items()]
+            if label != BASELINE:
+                kld_rows.append({"method": label, "task": task.name,
+                                 **_task_kld(loaded, task, get_model, identity, prof, store)})
+    meta = {"model": loaded.info, "profile": asdict(prof), "limit": limit, "methods": names,
+            "tasks": [t.name for t in chosen], "calibration": asdict(calib or CalibSpec()),
+            "seconds": {f"{m}/{t}": s for (m, t), s in seconds.items()}, "checkpoints": checkpoints,
+            "provenance": provenance.collect()}
+    return SensitivityResult(pd.DataFrame(rows), pd.DataFrame(kld_rows), meta)
+
+
+def _task_kld(loaded: models.LoadedModel, task: tasks.Task, get_model: _Lazy, identity: str, prof: Profile,
+              store: Store) -> dict:
+    spec = EvalSpec(domain=TASK_PREFIX + task.name, n_tokens=prof.kld_tokens, ctx=min(512, prof.kld_tokens),
+                    batch_size=4)
+    result = store.get_json("task_kld", {"variant": identity, "eval": spec.key(), "code": _code_hash()},
+                            lambda: compare(get_model(), loaded, spec, store, label=f"KLD {task.name}"))
+    return {"kld_mean": result["kld_mean"], "top1_agreement_pct": result["top1_agreement_pct"],
+            "kld_tokens": result["n_tokens"]}
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def _paired(res: SensitivityResult, method: str, task_filter: Callable[[tasks.Task], bool] | None,
+            group: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    df = res.items
+    sel = df[group] == key
+    base = df[(df["method"] == BASELINE) & sel].set_index(["task", "id"])["score"]
+    quant = df[(df["method"] == method) & sel].set_index(["task", "id"])["score"]
+    if task_filter is not None:
+        keep = [t for t in base.index.get_level_values(0).unique() if task_filter(tasks.get_task(t))]
+        base, quant = base[base.index.get_level_values(0).isin(keep)], quant[quant.index.get_level_values(0).isin(keep)]
+    common = base.index.intersection(quant.index)
+    return base.loc[common].to_numpy(float), quant.loc[common].to_numpy(float)
+
+
+def compare_scores(base: np.ndarray, quant: np.ndarray, *, higher_is_better: bool = True, binary: bool = True,
+                   seed: int = 0) -> dict:
+    """Score, recovery, paired-bootstrap CI of the difference and flips for one set of paired items."""
+    out: dict[str, Any] = {"n": int(base.size), "score_base": float(base.mean()) if base.size else np.nan,
+                           "score": float(quant.mean()) if quant.size else np.nan}
+    if base.size >= 2:
+        diff, low, high = metrics.bootstrap_ci(quant, paired_with=base, n_boot=CI_BOOT, seed=seed)
+    else:
+        diff, low, high = (float(quant.mean() - base.mean()) if base.size else np.nan), np.nan, np.nan
+    out.update(diff=diff, diff_low=low, diff_high=high)
+    ok = out["score_base"] > 0 and (higher_is_better or out["score"] > 0)
+    out["recovery_pct"] = (metrics.recovery(out["score_base"], out["score"], higher_is_better) if ok else np.nan)
+    if binary and base.size:
+        out.update({k: v for k, v in metrics.flips(base > 0.5, quant > 0.5).items() if k != "n"})
+    return out
+
+
+def task_table(res: SensitivityResult, seed: int = 0) -> pd.DataFrame:
+    """One row per (method, task)."""
+    rows = []
+    for method in res.meta["methods"]:
+        for name in res.meta["tasks"]:
+            task = tasks.get_task(name)
+            base, quant = _paired(res, method, None, "task", name)
+            row = {"method": method, "task": name, "family": task.family, "metric": task.metric,
+                   **compare_scores(base, quant, higher_is_better=task.higher_is_better, binary=task.binary,
+                                    seed=seed)}
+            k = res.kld[(res.kld["method"] == method) & (res.kld["task"] == name)] if len(res.kld) else res.kld
+            row["kld_mean"] = float(k["kld_mean"].iloc[0]) if len(k) else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def family_table(res: SensitivityResult, seed: int = 0) -> pd.DataFrame:
+    """One row per (method, family): the items of the family's score tasks pooled (the likelihood task,
+    on another scale, is left out); KLD is the mean over the family's tasks."""
+    by_task = task_table(res, seed)
+    rows = []
+    for method in res.meta["methods"]:
+        for family in tasks.FAMILIES:
+            base, quant = _paired(res, method, lambda t: t.in_family_score, "family", family)
+            if not base.size:
+                continue
+            fam_tasks = [t for t in res.meta["tasks"] if tasks.get_task(t).family == family
+                         and tasks.get_task(t).in_family_score]
+            binary = all(tasks.get_task(t).binary for t in fam_tasks)
+            kld = by_task[(by_task["method"] == method) & (by_task["family"] == family)]["kld_mean"]
+            rows.append({"method": method, "family": family, "tasks": ", ".join(fam_tasks),
+                         **compare_scores(base, quant, binary=binary, seed=seed), "kld_mean": kld.mean()})
+    return pd.DataFrame(rows)
+
+
+def flip_table(res: SensitivityResult) -> pd.DataFrame:
+    """Items whose correctness changed, per method and right/wrong task."""
+    df = task_table(res)
+    df = df[df["task"].map(lambda t: tasks.get_task(t).binary)]
+    cols = ["method", "task", "n", "score_base", "score", "correct_to_wrong", "wrong_to_correct", "flips_pct"]
+    return df[cols].reset_index(drop=True)
+
+
+def findings(res: SensitivityResult, seed: int = 0) -> list[str]:
+    """What the data shows, one sentence per method and family, worded by the CIs; then the seed's claim
+    (arithmetic, code and long context lose more than summarization) checked against them."""
+    fam = family_table(res, seed)
+    lines = []
+    for method, g in fam.groupby("method", sort=False):
+        parts = []
+        for _, r in g.iterrows():
+            pp = f"{100 * r['diff']:+.1f} pp [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
+            if r["score_base"] == 0 and r["score"] == 0:
+                parts.append(f"{r['family']}: baseline and {method} both score 0 on {r['n']} items, so this "
+                             "model cannot show a loss here")
+            elif np.isnan(r["diff_low"]):
+                parts.append(f"{r['family']}: {pp} on {r['n']} item(s), too few for a CI")
+            elif r["diff_high"] < 0:
+                parts.append(f"{r['family']}: loses {pp}, a loss the 95% CI excludes zero from")
+            elif r["diff_low"] > 0:
+                parts.append(f"{r['family']}: gains {pp} (CI above zero)")
+            else:
+                parts.append(f"{r['family']}: {pp}, no difference detectable on {r['n']} items (the CI spans zero)")
+        lines.append(f"**{method}** — " + "; ".join(parts) + ".")
+        lines.append(_claim(method, g))
+    return lines
+
+
+def _claim(method: str, g: pd.DataFrame) -> str:
+    summ = g[g["family"] == "summarization"]
+    others = g[g["family"].isin(["arithmetic", "code", "long_context"])]
+    if summ.empty or others.empty:
+        return f"*{method}: the claim needs summarization and at least one other family in the run.*"
+    s = summ.iloc[0]
+    worse, overlap, better = [], [], []
+    for _, r in others.iterrows():
+        if np.isnan(r["diff_low"]) or np.isnan(s["diff_low"]):
+            overlap.append(r["family"])
+        elif r["diff_high"] < s["diff_low"]:
+            worse.append(r["family"])
+        elif r["diff_low"] > s["diff_high"]:
+            better.append(r["family"])
+        else:
+            overlap.append(r["family"])
+    out = [f"*{method} against the claim:*"]
+    if worse:
+        out.append(f"{', '.join(worse)} lost more than summarization, with non-overlapping CIs.")
+    if better:
+        out.append(f"{', '.join(better)} lost less than summarization, with non-overlapping CIs.")
+    if overlap:
+        out.append(f"For {', '.join(overlap)} the CIs overlap summarization's: this run cannot tell them apart.")
+    return " ".join(out)
+
+
+def _ci_text(r: pd.Series) -> str:
+    if np.isnan(r["diff_low"]):
+        return f"{100 * r['diff']:+.1f}"
+    return f"{100 * r['diff']:+.1f} [{100 * r['diff_low']:+.1f}, {100 * r['diff_high']:+.1f}]"
+
+
+def display_table(df: pd.DataFrame) -> pd.DataFrame:
+    """A family or task table as people read it: scores in %, the change in points with its 95% CI,
+    recovery, flips and KLD. Likelihood rows (nats per byte) are shown as they are, not in %."""
+    rows = []
+    for _, r in df.iterrows():
+        pct = r.get("metric") != "nll_per_byte"
+        scale = 100 if pct else 1
+        rows.append({
+            "method": r["method"], ("task" if "task" in r else "family"): r.get("task", r.get("family")),
+            "items": r["n"],
+            "baseline": f"{scale * r['score_base']:.{1 if pct else 4}f}",
+            "quantized": f"{scale * r['score']:.{1 if pct else 4}f}",
+            ("change pp [95% CI]" if pct else "change"): _ci_text(r) if pct else f"{r['diff']:+.4f}",
+            "recovery %": "-" if np.isnan(r["recovery_pct"]) else f"{r['recovery_pct']:.1f}",
+            "flips c→w / w→c": ("-" if np.isnan(r.get("correct_to_wrong", np.nan)) else
+                                f"{r['correct_to_wrong']:.0f} / {r['wrong_to_correct']:.0f}"),
+            "KLD": f"{r['kld_mean']:.4f}",
+        })
+    return pd.DataFrame(rows)
+
+
+def flip_examples(res: SensitivityResult, n: int = 6) -> pd.DataFrame:
+    """Items whose correctness flipped, with both generations, to read what changed."""
+    df = res.items
+    base = df[df["method"] == BASELINE].set_index(["task", "id"])
+    rows = []
+    for (method, task_name), g in df[df["method"] != BASELINE].groupby(["method", "task"], sort=False):
+        if not tasks.get_task(task_name).binary:
+            continue
+        for _, r in g.iterrows():
+            b = base.loc[(task_name, r["id"])]
+            if (b["score"] > 0.5) != (r["score"] > 0.5):
+                rows.append({"method": method, "task": task_name, "item": r["id"],
+                             "flip": "correct → wrong" if b["score"] > 0.5 else "wrong → correct",
+                             "baseline output": (b["output"] or "")[:160], "quantized output": (r["output"] or "")[:160]})
+    return pd.DataFrame(rows).head(n)

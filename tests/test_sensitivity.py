@@ -1,0 +1,170 @@
+"""Task-sensitivity analysis on hand-made results with known answers, and the cached run on `tiny`."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qkit import plots, sensitivity as S, tasks
+from qkit.errors import QkitError
+from qkit.store import Store
+
+
+def _result(scores: dict[tuple[str, str], list[float]], methods=("m",)) -> S.SensitivityResult:
+    """A SensitivityResult from per-(method, task) item scores; item ids are positions."""
+    rows = [{"method": m, "task": t, "family": tasks.get_task(t).family, "id": str(i), "score": s, "output": f"o{s}"}
+            for (m, t), values in scores.items() for i, s in enumerate(values)]
+    task_names = list(dict.fromkeys(t for _, t in scores))
+    kld = pd.DataFrame([{"method": m, "task": t, "kld_mean": 0.01} for m in methods for t in task_names])
+    return S.SensitivityResult(pd.DataFrame(rows), kld, {"methods": list(methods), "tasks": task_names})
+
+
+def test_compare_scores_known_flips_difference_and_recovery() -> None:
+    base = np.array([1, 1, 0, 0, 1, 1, 1, 1], float)
+    quant = np.array([1, 0, 1, 0, 1, 1, 0, 1], float)
+    out = S.compare_scores(base, quant)
+    assert (out["n"], out["score_base"], out["score"]) == (8, 0.75, 0.625)
+    assert out["diff"] == pytest.approx(-0.125)
+    assert (out["correct_to_wrong"], out["wrong_to_correct"], out["flips_pct"]) == (2, 1, 37.5)
+    assert out["recovery_pct"] == pytest.approx(100 * 0.625 / 0.75)
+    assert out["diff_low"] <= out["diff"] <= out["diff_high"]
+
+
+def test_paired_ci_collapses_when_every_item_moves_alike_and_excludes_zero_for_a_clear_loss() -> None:
+    base = np.linspace(0.2, 0.9, 30)
+    out = S.compare_scores(base, base - 0.1, binary=False)
+    # Each difference is exactly -0.1: the paired bootstrap has nothing to resample; unpaired would not collapse.
+    assert out["diff_low"] == pytest.approx(-0.1) and out["diff_high"] == pytest.approx(-0.1)
+    assert "correct_to_wrong" not in out
+
+
+def test_recovery_is_undefined_when_the_baseline_scores_zero() -> None:
+    out = S.compare_scores(np.zeros(5), np.array([0, 0, 1, 0, 0.0]))
+    assert np.isnan(out["recovery_pct"]) and out["wrong_to_correct"] == 1
+
+
+def test_lower_is_better_recovery() -> None:
+    out = S.compare_scores(np.array([2.0, 2.0]), np.array([2.5, 2.5]), higher_is_better=False, binary=False)
+    assert out["recovery_pct"] == pytest.approx(80.0)
+
+
+def test_tables_pair_items_by_id_and_pool_families() -> None:
+    res = _result({
+        ("baseline", "qkit_gsm8k"): [1, 1, 0, 0], ("m", "qkit_gsm8k"): [1, 0, 0, 0],
+        ("baseline", "qkit_arithmetic"): [1, 1], ("m", "qkit_arithmetic"): [1, 1],
+        ("baseline", "qkit_xsum_ll"): [2.0, 3.0], ("m", "qkit_xsum_ll"): [2.5, 3.5],
+        ("baseline", "qkit_xsum"): [0.2, 0.4], ("m", "qkit_xsum"): [0.2, 0.4],
+    })
+    fam = S.family_table(res).set_index("family")
+    assert fam.loc["arithmetic", "n"] == 6
+    assert fam.loc["arithmetic", "score_base"] == pytest.approx(4 / 6)
+    assert fam.loc["arithmetic", "correct_to_wrong"] == 1
+    # the likelihood task, on another scale, stays out of the summarization family
+    assert fam.loc["summarization", "n"] == 2 and fam.loc["summarization", "diff"] == 0
+    by_task = S.task_table(res).set_index("task")
+    assert by_task.loc["qkit_xsum_ll", "recovery_pct"] == pytest.approx(100 * 2.5 / 3.0)
+    flips = S.flip_table(res)
+    assert set(flips["task"]) == {"qkit_gsm8k", "qkit_arithmetic"}
+    ex = S.flip_examples(res)
+    assert list(ex["item"]) == ["1"] and ex["flip"].iloc[0] == "correct → wrong"
+    shown = S.display_table(fam.reset_index())
+    assert shown.set_index("family").loc["arithmetic", "baseline"] == "66.7"
+    plots.recovery_by_family(fam.reset_index())
+
+
+def test_findings_follow_the_cis_not_the_claim() -> None:
+    n = 40
+    clear = _result({("baseline", "qkit_gsm8k"): [1] * n, ("m", "qkit_gsm8k"): [1] * 10 + [0] * 30,
+                     ("baseline", "qkit_xsum"): [0.5] * n, ("m", "qkit_xsum"): [0.5] * n})
+    text = "\n".join(S.findings(clear))
+    assert "arithmetic: loses -75.0 pp" in text and "excludes zero" in text
+    assert "arithmetic lost more than summarization, with non-overlapping CIs" in text
+
+    rng = np.random.default_rng(0)
+    noisy = _result({("baseline", "qkit_gsm8k"): list(rng.integers(0, 2, n)),
+                     ("m", "qkit_gsm8k"): list(rng.integers(0, 2, n)),
+                     ("baseline", "qkit_xsum"): list(rng.random(n)), ("m", "qkit_xsum"): list(rng.random(n))})
+    text = "\n".join(S.findings(noisy))
+    assert "the CIs overlap summarization's: this run cannot tell them apart" in text
+    assert "lost more than" not in text
+
+    zero = _result({("baseline", "qkit_humaneval"): [0] * 5, ("m", "qkit_humaneval"): [0] * 5})
+    assert "both score 0 on 5 items, so this model cannot show a loss" in S.findings(zero)[0]
+    assert "needs summarization" in S.findings(zero)[1]
+
+
+def test_spread_covers_the_task() -> None:
+    assert S.spread(298, 4) == [0, 99, 198, 297]
+    assert S.spread(5, 5) == [0, 1, 2, 3, 4]
+
+
+def test_get_items_computes_only_what_is_missing_and_resumes(tmp_path) -> None:
+    store, calls = Store(tmp_path), []
+
+    def compute(ids):
+        calls.append(list(ids))
+        if "boom" in ids:
+            raise RuntimeError("interrupted")
+        return {i: {"score": len(i)} for i in ids}
+
+    assert store.get_items("t", {"a": 1}, ["x", "yy"], compute, batch=1) == {"x": {"score": 1}, "yy": {"score": 2}}
+    with pytest.raises(RuntimeError):
+        store.get_items("t", {"a": 1}, ["x", "zzz", "boom"], compute, batch=1)
+    calls.clear()
+    got = store.get_items("t", {"a": 1}, ["zzz", "x", "yy"], compute, batch=1)
+    assert calls == [] and list(got) == ["zzz", "x", "yy"]  # "zzz" was saved before "boom" failed
+    path = store.path("t", {"a": 1}) / "items.json"
+    path.write_text("{truncated")
+    assert store.get_items("t", {"a": 1}, ["x"], compute) == {"x": {"score": 1}}
+    assert path.with_suffix(".json.bad").exists()
+
+
+def test_bad_profile_and_method_fail_before_any_work() -> None:
+    with pytest.raises(QkitError, match="unknown profile 'fast'.*quick, full"):
+        S.run("tiny", ["fp8_dynamic"], profile="fast")
+    with pytest.raises(QkitError, match="unknown quantization method"):
+        S.run("tiny", ["fp9"])
+
+
+TINY_PROFILE = S.Profile("test", limit=2, context_lengths=(256,), depths=(0.0, 1.0), per_cell=1, kld_tokens=256,
+                         max_gen_toks=8, batch_size=2)
+
+
+def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, monkeypatch) -> None:
+    store = Store(tmp_path)
+    # A fresh store for the results, seeded with the tiny model so that it is not trained again.
+    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    calls = []
+    real = tasks.evaluate
+
+    def counting(model, tokenizer, task, indices, **kw):
+        calls.append((task.name, tuple(indices)))
+        return real(model, tokenizer, task, indices, **kw)
+
+    monkeypatch.setattr(tasks, "evaluate", counting)
+    names = ["qkit_arithmetic", "qkit_passkey"]
+    res = S.run("tiny", ["fp8_dynamic"], names, profile=TINY_PROFILE, store=store)
+    assert len(calls) == 4  # baseline and fp8_dynamic, two tasks
+    assert set(res.items["method"]) == {"baseline", "fp8_dynamic"} and len(res.items) == 8
+    assert list(res.kld["task"]) == names and (res.kld["kld_mean"] >= 0).all()
+    # qkit's score is lm-eval's: the cached per-item scores average to what lm-eval aggregated
+    cached = res.items[(res.items["method"] == "baseline") & (res.items["task"] == "qkit_arithmetic")]["score"]
+    _, aggregate = real(tiny.model, tiny.tokenizer, tasks.get_task("qkit_arithmetic"), [0, 297],
+                        max_length=tiny.info["max_length"], max_gen_toks=8, batch_size=2)
+    assert cached.mean() == pytest.approx(aggregate)
+
+    calls.clear()
+    again = S.run("tiny", ["fp8_dynamic"], names, profile=TINY_PROFILE, store=store)
+    assert calls == []
+    pd.testing.assert_frame_equal(again.items, res.items)
+
+    S.run("tiny", ["fp8_dynamic", "w4a16_rtn"], names, profile=TINY_PROFILE, store=store)
+    assert [c[0] for c in calls] == names  # only the new method ran; the baseline came from the cache
+
+    calls.clear()
+    S.run("tiny", ["fp8_dynamic"], ["qkit_arithmetic"], profile=TINY_PROFILE, limit=3, store=store)
+    assert calls == [("qkit_arithmetic", (148,))] * 2  # 3 spread items: the 2 cached ends + the middle one
+    with pytest.raises(QkitError, match="limit 3 is more than the 2 items of qkit_passkey"):
+        S.run("tiny", ["fp8_dynamic"], ["qkit_passkey"], profile=TINY_PROFILE, limit=3, store=store)
