@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import yaml
 
 from qkit.errors import QkitError
-from qkit.models import DEFAULT_MODEL
+from qkit import DEFAULT_MODEL
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
-    from qkit.methods import CalibSpec
+    from qkit.data import CalibSpec
 
     d = CalibSpec()
     p.add_argument("--calib", default=d.name, help=f"calibration set (default {d.name})")
@@ -30,7 +30,7 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calib(args: argparse.Namespace):
-    from qkit.methods import CalibSpec
+    from qkit.data import CalibSpec
 
     return CalibSpec(args.calib, args.samples, args.seq_len, args.seed)
 

@@ -324,6 +324,18 @@ def check_calibration(name: str, n_samples: int, seq_len: int, seed: int = 0) ->
         raise QkitError(f"seed must be an integer, got {seed!r}", "pass seed=0 or another integer")
 
 
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which calibration set a method sees: `calibration_set(name, n_samples, seq_len, seed)`."""
+    name: str = "prose"
+    n_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_calibration(self.name, self.n_samples, self.seq_len, self.seed)
+
+
 def calibration_set(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
                     tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
     """Exactly n_samples rows of exactly seq_len tokens (`input_ids`, `attention_mask`).

