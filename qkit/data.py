@@ -336,6 +336,23 @@ class CalibSpec:
         check_calibration(self.name, self.n_samples, self.seq_len, self.seed)
 
 
+def calibration_rows(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
+                     tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, list[int]]]:
+    """The rows of `calibration_set`, each with the domain it came from ("random" for random tokens)."""
+    check_calibration(name, n_samples, seq_len, seed)
+    if name == "random":
+        return [("random", row) for row in _random_rows(n_samples, seq_len, seed, tokenizer)]
+    if name != "mixed":
+        return [(name, row) for row in _packed_rows(name, n_samples, seq_len, seed, tokenizer)]
+    rows: list[tuple[str, list[int]]] = []
+    for i, domain in enumerate(EVAL_DOMAINS):
+        count = n_samples // 3 + (i < n_samples % 3)
+        if count:
+            rows += [(domain, row) for row in _packed_rows(domain, count, seq_len, seed, tokenizer)]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def calibration_set(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
                     tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
     """Exactly n_samples rows of exactly seq_len tokens (`input_ids`, `attention_mask`).
@@ -344,18 +361,7 @@ def calibration_set(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
     EOS, no padding). `random` draws token ids uniformly from the non-special vocabulary; `mixed` is equal
     parts prose, chat and code.
     """
-    check_calibration(name, n_samples, seq_len, seed)
-    if name == "random":
-        rows = _random_rows(n_samples, seq_len, seed, tokenizer)
-    elif name == "mixed":
-        rows = []
-        for i, domain in enumerate(EVAL_DOMAINS):
-            count = n_samples // 3 + (i < n_samples % 3)
-            if count:
-                rows += _packed_rows(domain, count, seq_len, seed, tokenizer)
-        random.Random(seed).shuffle(rows)
-    else:
-        rows = _packed_rows(name, n_samples, seq_len, seed, tokenizer)
+    rows = [row for _, row in calibration_rows(name, n_samples, seq_len, seed, tokenizer=tokenizer)]
 
     from datasets import Dataset
 
