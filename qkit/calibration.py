@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -148,3 +148,213 @@ def inspect(name: str, n_samples: int, seq_len: int, seed: int = 0, *, tokenizer
     eos = None if name == "random" else tokenizer.eos_token_id
     return diagnose([r for _, r in labelled], eos_id=eos, pad_id=None,
                     domains=[d for d, _ in labelled], eval_ids=eval_ids, methods=methods)
+
+
+# ---------------------------------------------------------------- the calibration study
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A sweep along three axes through one center point, each point at every seed and method:
+    sources at ``center`` (samples, seq_len); sample counts and sequence lengths for ``curve_source``."""
+
+    methods: tuple[str, ...]
+    sources: tuple[str, ...]
+    samples: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    seeds: tuple[int, ...]
+    center: tuple[int, int]
+    curve_source: str = "prose"
+    eval_tokens: int = 4096
+    ctx: int = 512
+
+    def configs(self) -> list[data.CalibSpec]:
+        """The calibration sets to quantize with, each once, in a fixed order."""
+        n0, len0 = self.center
+        points = ([(s, n0, len0) for s in self.sources] + [(self.curve_source, n, len0) for n in self.samples]
+                  + [(self.curve_source, n0, length) for length in self.seq_lens])
+        return [data.CalibSpec(s, n, length, seed) for s, n, length in dict.fromkeys(points) for seed in self.seeds]
+
+
+PROFILES = {
+    # Minutes on 2 CPU cores for SmolLM2: GPTQ and AWQ, small sets, two seeds.
+    "quick": Grid(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code", "random", "mixed"),
+                  samples=(4, 16), seq_lens=(128, 512), seeds=(0, 1), center=(16, 128), eval_tokens=2048),
+    # The issue's grid: for a GPU or a long night.
+    "full": Grid(methods=("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static"),
+                 sources=("prose", "chat", "code", "random", "mixed"), samples=(8, 32, 128, 512),
+                 seq_lens=(128, 512, 2048), seeds=(0, 1, 2), center=(128, 512), eval_tokens=8192),
+}
+
+CALIBRATED = ("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static", "nvfp4")
+
+
+def get_grid(profile: str | Grid, **overrides) -> Grid:
+    """A profile's grid with the overrides that are not None (lists become tuples)."""
+    if isinstance(profile, Grid):
+        grid = profile
+    elif profile in PROFILES:
+        grid = PROFILES[profile]
+    else:
+        raise QkitError(f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    unknown = set(fields) - set(asdict(grid))
+    if unknown:
+        raise QkitError(f"unknown grid field(s) {', '.join(sorted(unknown))}", f"use {', '.join(asdict(grid))}")
+    return replace(grid, **fields)
+
+
+def check_grid(grid: Grid, max_len: int) -> None:
+    """Bad grids fail here, before any quantization."""
+    from qkit import methods
+
+    for name in grid.methods:
+        methods.get_method(name)
+    if not any(methods.get_method(m).needs_calibration for m in grid.methods):
+        raise QkitError(f"none of {', '.join(grid.methods)} uses calibration data, so the sweep would show nothing",
+                        f"include a calibration-dependent method: {', '.join(CALIBRATED)}")
+    for spec in grid.configs():  # unknown sources, non-positive sizes
+        data.check_seq_len(spec.seq_len, max_len)
+    if grid.curve_source not in grid.sources:
+        raise QkitError(f"curve_source {grid.curve_source!r} is not among the sources {grid.sources}",
+                        "add it to the sources")
+
+
+def sweep(model: str = "smollm2-135m", profile: str | Grid = "quick", *, store=None,
+          trust_remote_code: bool = False):
+    """Quantize with every calibration set of the grid and evaluate each checkpoint on every domain's
+    held-out text. One row per (method, calibration set, eval domain); every step is cached, so a
+    larger grid computes only its new cells."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from qkit import methods, models, studies
+    from qkit.evaluation import EvalSpec
+    from qkit.store import Store
+
+    grid = get_grid(profile)
+    store = store or Store()
+    loaded = models.resolve_model(model, store=store, trust_remote_code=trust_remote_code)
+    check_grid(grid, loaded.info["max_length"])
+    # Too many samples for a source fails on the first config that asks; check the largest first.
+    for source in grid.sources:
+        largest = max((c for c in grid.configs() if c.name == source), key=lambda c: c.n_samples * c.seq_len)
+        data.calibration_rows(largest.name, largest.n_samples, largest.seq_len, largest.seed,
+                              tokenizer=loaded.tokenizer)
+    evals = [EvalSpec(domain=d, n_tokens=grid.eval_tokens, ctx=grid.ctx) for d in data.EVAL_DOMAINS]
+    cells = [(m, c) for m in grid.methods for c in grid.configs() if methods.get_method(m).needs_calibration]
+    rows = []
+    for method, calib in tqdm(cells, desc="calibration sweep", unit="checkpoint"):
+        for spec in evals:
+            r = studies.evaluate_method(loaded, method, calib=calib, eval_spec=spec, store=store, seed=calib.seed)
+            rows.append({"method": method, "source": calib.name, "n_samples": calib.n_samples,
+                         "seq_len": calib.seq_len, "seed": calib.seed, "eval_domain": spec.domain,
+                         "in_domain": calib.name == spec.domain, "kld_mean": r["kld_mean"],
+                         "ppl_quant": r["ppl_quant"], "ppl_base": r["ppl_base"], "top1_pct": r["top1_pct"],
+                         "quant_seconds": r["quant_seconds"], "peak_rss_mb": r["quant_peak_rss_mb"],
+                         "rss_growth_mb": r["quant_rss_growth_mb"],
+                         "checkpoint": r["checkpoint"]})
+    df = pd.DataFrame(rows)
+    df.attrs.update(model=loaded.info, grid=asdict(grid))
+    return df
+
+
+METRICS = {"kld_mean": "mean KLD to baseline (nats)", "ppl_quant": "perplexity", "top1_pct": "top-1 agreement (%)"}
+
+
+def _center(df):
+    n0, len0 = df.attrs["grid"]["center"]
+    return df[(df["n_samples"] == n0) & (df["seq_len"] == len0)]
+
+
+def source_matrix(df, method: str, metric: str = "kld_mean"):
+    """Calibration source x eval domain at the grid's center: (mean over seeds, seed-to-seed range)."""
+    d = _center(df)
+    d = d[d["method"] == method]
+    g = d.groupby(["source", "eval_domain"])[metric]
+    order = [s for s in df.attrs["grid"]["sources"] if s in set(d["source"])]
+    mean = g.mean().unstack().reindex(order)
+    spread = (g.max() - g.min()).unstack().reindex(order)
+    return mean, spread
+
+
+def curve(df, method: str, axis: str, metric: str = "kld_mean"):
+    """Quality against `axis` ("n_samples" or "seq_len") for the curve source, the other size at the center:
+    one row per (axis value, eval domain) with the mean, std and range over seeds."""
+    grid = df.attrs["grid"]
+    n0, len0 = grid["center"]
+    other, fixed = ("seq_len", len0) if axis == "n_samples" else ("n_samples", n0)
+    d = df[(df["method"] == method) & (df["source"] == grid["curve_source"]) & (df[other] == fixed)]
+    g = d.groupby([axis, "eval_domain"])[metric]
+    out = g.agg(["mean", "std", "min", "max", "count"]).reset_index()
+    out["range"] = out["max"] - out["min"]
+    return out
+
+
+def _differ(a_mean: float, a_range: float, b_mean: float, b_range: float) -> bool:
+    """A difference counts only when it is larger than the seed-to-seed range of either cell."""
+    return abs(a_mean - b_mean) > max(a_range, b_range)
+
+
+def findings(df, metric: str = "kld_mean") -> list[str]:
+    """What the sweep shows per method, worded by the seed-to-seed spread."""
+    grid = df.attrs["grid"]
+    lines = []
+    for method in dict.fromkeys(df["method"]):
+        mean, spread = source_matrix(df, method, metric)
+        parts = []
+        for domain in mean.columns:
+            if domain not in mean.index:
+                continue
+            col, rng = mean[domain].dropna(), spread[domain]
+            others = col.drop(domain)
+            best_other = others.idxmin()
+            if _differ(col[domain], rng[domain], others[best_other], rng[best_other]):
+                better = "better" if col[domain] < others[best_other] else "worse"
+                parts.append(f"on {domain} text, in-domain calibration is {better} than the best other source "
+                             f"({best_other}): KLD {col[domain]:.3g} against {others[best_other]:.3g}")
+            else:
+                parts.append(f"on {domain} text, in-domain ({col[domain]:.3g}) and {best_other} "
+                             f"({others[best_other]:.3g}) calibration differ by less than the seed-to-seed "
+                             "spread: no difference")
+        for axis, label in (("n_samples", "samples"), ("seq_len", "tokens per sample")):
+            c = curve(df, method, axis, metric)
+            c = c[c["eval_domain"] == grid["curve_source"]] if grid["curve_source"] in set(c["eval_domain"]) else c
+            if c[axis].nunique() < 2:
+                continue
+            lo, hi = c.loc[c[axis].idxmin()], c.loc[c[axis].idxmax()]
+            if _differ(lo["mean"], lo["range"], hi["mean"], hi["range"]):
+                trend = "lowers" if hi["mean"] < lo["mean"] else "raises"
+                parts.append(f"going from {lo[axis]:.0f} to {hi[axis]:.0f} {label} {trend} KLD "
+                             f"{lo['mean']:.3g} → {hi['mean']:.3g}")
+            else:
+                parts.append(f"{lo[axis]:.0f} and {hi[axis]:.0f} {label} give KLD {lo['mean']:.3g} and "
+                             f"{hi['mean']:.3g}, within the seed-to-seed spread: no difference")
+        lines.append(f"**{method}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def cost_table(df):
+    """Calibration time and memory per checkpoint (one row per method and calibration set)."""
+    cols = ["method", "source", "n_samples", "seq_len", "seed", "quant_seconds", "peak_rss_mb", "rss_growth_mb"]
+    return df[cols].drop_duplicates(["method", "source", "n_samples", "seq_len", "seed"]).reset_index(drop=True)
+
+
+def explorer(df):
+    """An ipywidgets panel to slice the sweep in JupyterLab: method, metric and eval domain."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from qkit import plots
+
+    method = widgets.Dropdown(options=list(dict.fromkeys(df["method"])), description="method")
+    metric = widgets.Dropdown(options=[(v, k) for k, v in METRICS.items()], description="metric")
+    domain = widgets.Dropdown(options=sorted(set(df["eval_domain"])), description="eval text")
+
+    def show(method: str, metric: str, domain: str) -> None:
+        display(plots.calibration_heatmap(df, method, metric))
+        display(plots.calibration_curves(df, method, metric, domain))
+        plt.close("all")
+
+    return widgets.interactive(show, method=method, metric=metric, domain=domain)

@@ -18,6 +18,7 @@ import os
 import resource
 import struct
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -272,7 +273,7 @@ def _build_checkpoint(loaded: models.LoadedModel, method: Method, calib: CalibSp
                    # the calibration set is already a seeded sample: no second, unseeded shuffle
                    "shuffle_calibration_samples": False} if calib else {})
     started = time.perf_counter()
-    with _oneshot_log(out / "oneshot.log"), _cpu_without_pinning():
+    with _oneshot_log(out / "oneshot.log"), _cpu_without_pinning(), _rss_sampler() as rss:
         oneshot(model=model, tokenizer=loaded.tokenizer, recipe=modifiers, dataset=dataset, **calib_args)
     seconds = time.perf_counter() - started
     with warnings.catch_warnings():
@@ -282,7 +283,8 @@ def _build_checkpoint(loaded: models.LoadedModel, method: Method, calib: CalibSp
         model.save_pretrained(out, save_compressed=True)
     loaded.tokenizer.save_pretrained(out)
     size, fp32_elements = _safetensors_sizes(out)
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": _peak_rss_bytes(), "format": saved_format(out),
+    return {"seconds": round(seconds, 3), "peak_rss_bytes": rss["peak"],
+            "rss_growth_bytes": rss["peak"] - rss["start"], "format": saved_format(out),
             "size_bytes": size, "bf16_run_bytes": size - 2 * fp32_elements, "log": "oneshot.log",
             "calibration_data": data.describe(calib.name) if calib else None}
 
@@ -324,10 +326,39 @@ def _safetensors_sizes(path: Path) -> tuple[int, int]:
     return size, sum(nbytes // 4 for _, dtype, nbytes in checkpoint_tensors(path) if dtype == "F32")
 
 
-def _peak_rss_bytes() -> int:
-    # The process's peak so far, not this run's alone: earlier work in the same process counts too.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+@contextlib.contextmanager
+def _rss_sampler(interval_s: float = 0.05) -> Iterator[dict[str, int]]:
+    """Resident memory at the start of the block and its peak during it, sampled from /proc.
+
+    ru_maxrss would give the process's peak so far, which in a sweep of many runs in one process repeats
+    the largest earlier run. Where /proc is missing (macOS) that is what is reported.
+    """
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = {"start": 0, "peak": peak if sys.platform == "darwin" else peak * 1024}
+        yield out
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        return int(statm.read_text().split()[1]) * page
+
+    out = {"start": rss(), "peak": rss()}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(interval_s):
+            out["peak"] = max(out["peak"], rss())
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak"] = max(out["peak"], rss())
 
 
 @functools.cache

@@ -100,3 +100,104 @@ def recovery_by_family(fam: pd.DataFrame) -> Figure:
     axes[0][0].set_ylabel("recovery of baseline score (%)")
     fig.tight_layout()
     return fig
+
+
+def calibration_heatmaps(df: pd.DataFrame, metric: str = "kld_mean", methods: list[str] | None = None) -> Figure:
+    """Calibration source (rows) x eval text (columns) per method, at the grid's center, mean over seeds;
+    in-domain cells are outlined. For KLD and perplexity lower is better (lighter)."""
+    from qkit import calibration
+
+    methods = methods or list(dict.fromkeys(df["method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods) + 0.6, 3.4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        mean, spread = calibration.source_matrix(df, method, metric)
+        values = mean.to_numpy(float)
+        im = ax.imshow(values, cmap="viridis_r" if metric != "top1_pct" else "viridis", aspect="auto")
+        ax.set_xticks(range(len(mean.columns)), mean.columns)
+        ax.set_yticks(range(len(mean.index)), mean.index)
+        for i, src in enumerate(mean.index):
+            for j, dom in enumerate(mean.columns):
+                r, g, b, _ = im.cmap(im.norm(values[i, j]))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on the cell
+                ax.text(j, i, f"{values[i, j]:.3g}\n±{spread.iloc[i, j] / 2:.1g}", ha="center", va="center",
+                        fontsize=7, color=ink)
+                if src == dom:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, color="red"))
+        ax.set_xlabel("evaluated on")
+        ax.set_title(method, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    axes[0][0].set_ylabel("calibrated on")
+    fig.suptitle(f"{calibration.METRICS.get(metric, metric)} (± half the seed-to-seed range)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_heatmap(df: pd.DataFrame, method: str, metric: str = "kld_mean") -> Figure:
+    return calibration_heatmaps(df, metric, [method])
+
+
+def calibration_curves(df: pd.DataFrame, method: str | None = None, metric: str = "kld_mean",
+                       domain: str | None = None) -> Figure:
+    """Quality against the number of calibration samples and against tokens per sample, for the grid's
+    curve source, on one eval text (default: the curve source's own); error bars: std over seeds."""
+    from qkit import calibration
+
+    grid = df.attrs["grid"]
+    domain = domain or grid["curve_source"]
+    methods = [method] if method else list(dict.fromkeys(df["method"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    for ax, (axis, label) in zip(axes[0], (("n_samples", "calibration samples"), ("seq_len", "tokens per sample"))):
+        for m in methods:
+            c = calibration.curve(df, m, axis, metric)
+            c = c[c["eval_domain"] == domain]
+            ax.errorbar(c[axis], c["mean"], yerr=c["std"].fillna(0), marker="o", capsize=3, label=m)
+        ax.set_xscale("log", base=2)
+        ticks = sorted(set(df[axis]))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.set_ylabel(calibration.METRICS.get(metric, metric))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    n0, len0 = grid["center"]
+    fig.suptitle(f"{grid['curve_source']} calibration, evaluated on {domain} text "
+                 f"(other size fixed at {n0} samples / {len0} tokens)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_cost(df: pd.DataFrame) -> Figure:
+    """Calibration time and peak memory against calibration tokens (samples x length), per method."""
+    from qkit import calibration
+
+    cost = calibration.cost_table(df)
+    cost["tokens"] = cost["n_samples"] * cost["seq_len"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m, g in cost.groupby("method", sort=False):
+        g = g.groupby("tokens")[["quant_seconds", "peak_rss_mb"]].mean().reset_index()
+        axes[0].plot(g["tokens"], g["quant_seconds"], marker="o", label=m)
+        axes[1].plot(g["tokens"], g["peak_rss_mb"], marker="o", label=m)
+    for ax, label in zip(axes, ("quantization time (s)", "peak resident memory (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("calibration tokens (samples × length, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def segment_histograms(diagnostics: dict) -> Figure:
+    """Token lengths of the document pieces in each calibration set (a piece ends at EOS or a row edge)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    longest = max(max(d.segment_lengths) for d in diagnostics.values())
+    bins = np.unique(np.geomspace(1, longest, 30).round())
+    for name, d in diagnostics.items():
+        ax.hist(d.segment_lengths, bins=bins, histtype="step", lw=1.5, label=f"{name} ({len(d.segment_lengths)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per document piece (log scale)")
+    ax.set_ylabel("pieces")
+    ax.legend(fontsize=8, title="source (pieces)", title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

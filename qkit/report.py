@@ -29,7 +29,7 @@ from typing import Any
 import qkit
 from qkit import provenance
 from qkit.errors import QkitError
-from qkit.store import write_json_atomic
+from qkit.store import CACHE_ENV, default_root, write_json_atomic
 
 REPO = Path(qkit.__file__).resolve().parent.parent
 REPORT_ENV = "QKIT_REPORT"
@@ -214,7 +214,8 @@ def _check_kernel(kernel_name: str) -> None:
 def _kernel_env() -> dict[str, str]:
     # The kernel imports the same qkit as the caller even when qkit is not installed, only on sys.path.
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {REPORT_ENV: "1", **QUIET_ENV, "PYTHONPATH": pythonpath}
+    # The kernel runs in the notebook's folder: a relative cache path would name another, empty cache.
+    return {REPORT_ENV: "1", **QUIET_ENV, "PYTHONPATH": pythonpath, CACHE_ENV: str(default_root().resolve())}
 
 
 def _kernel_manager_class(kernel_name: str | None) -> type:

@@ -25,8 +25,11 @@ from qkit import provenance
 MANIFEST = "manifest.json"
 
 
+CACHE_ENV = "QKIT_CACHE"
+
+
 def default_root() -> Path:
-    return Path(os.environ.get("QKIT_CACHE", Path.home() / ".cache" / "qkit"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "qkit"))
 
 
 def canonical(obj: Any) -> str:

@@ -58,6 +58,8 @@ def evaluate_method(loaded: models.LoadedModel, method: str, *, calib: CalibSpec
         "bf16_run_mb": ckpt.bf16_run_bytes / 1e6, "bf16_mb": ckpt.bf16_bytes / 1e6,
         "reduction_vs_bf16": 1 / ckpt.bf16_ratio,
         "quant_seconds": ckpt.seconds, "quant_peak_rss_mb": ckpt.meta.get("peak_rss_bytes", 0) / 1e6,
+        # checkpoints built before qkit sampled memory per run lack it
+        "quant_rss_growth_mb": ckpt.meta.get("rss_growth_bytes", float("nan")) / 1e6,
         "checkpoint": str(ckpt.path), **_row(result, seed), "error": None,
     }
 

@@ -61,3 +61,66 @@ def test_inspect_qkit_sets_on_tiny(tiny) -> None:
     assert rnd.truncated_pct == 0 and rnd.domain_mix == {"random": 100.0}
     with pytest.raises(QkitError, match="fewer than n_samples x seq_len.*ask for at most"):
         C.inspect("chat", 100000, 512, tokenizer=tiny.tokenizer)
+
+
+# ------------------------------------------------------------------ the sweep
+
+GRID = C.Grid(methods=("fp8_static",), sources=("prose", "chat"), samples=(2,), seq_lens=(32,), seeds=(0, 1),
+              center=(2, 32), eval_tokens=256, ctx=128)
+
+
+def test_grid_configs_run_along_three_axes_through_the_center() -> None:
+    g = C.get_grid("quick", samples=[4, 16, 64], seeds=[0])
+    got = [(c.name, c.n_samples, c.seq_len) for c in g.configs()]
+    n0, len0 = g.center
+    assert got[:5] == [(s, n0, len0) for s in g.sources]
+    assert ("prose", 64, len0) in got and ("prose", n0, 512) in got
+    assert len(got) == len(set(got))  # the center is not repeated
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sources": ["prose", "webtext"]}, "unknown calibration set 'webtext'"),
+    ({"methods": ["fp8_dynamic", "w4a16_rtn"]}, "none of fp8_dynamic, w4a16_rtn uses calibration data"),
+    ({"seq_lens": [32, 4096]}, "seq_len 4096 is longer than the model's maximum length of 2048"),
+    ({"samples": [100000]}, "fewer than n_samples x seq_len.*ask for at most"),
+    ({"methods": ["fp9"]}, "unknown quantization method 'fp9'"),
+])
+def test_bad_grids_fail_before_any_quantization(tiny, tmp_path, monkeypatch, overrides, message) -> None:
+    from qkit import methods
+
+    monkeypatch.setattr(methods, "_build_checkpoint", lambda *a, **k: pytest.fail("quantized"))
+    with pytest.raises(QkitError, match=message):
+        C.sweep("tiny", C.get_grid(GRID, **overrides))
+    with pytest.raises(QkitError, match="unknown profile"):
+        C.get_grid("huge")
+
+
+def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from qkit import evaluation, methods, studies
+    from qkit.store import Store
+
+    store = Store(tmp_path)
+    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)  # do not train `tiny` again
+    built, compared = [], []
+    real_build, real_compare = methods._build_checkpoint, evaluation.compare
+    monkeypatch.setattr(methods, "_build_checkpoint", lambda *a: built.append(a[2]) or real_build(*a))
+    monkeypatch.setattr(studies, "compare", lambda *a, **k: compared.append(a[2].domain) or real_compare(*a, **k))
+
+    df = C.sweep("tiny", GRID, store=store)
+    assert len(built) == 4 and len(compared) == 4 * 3  # 2 sources x 2 seeds; 3 eval texts each
+    assert len(df) == 12 and set(df["eval_domain"]) == {"prose", "chat", "code"}
+    assert (df["in_domain"] == (df["source"] == df["eval_domain"])).all()
+    built.clear(), compared.clear()
+    again = C.sweep("tiny", GRID, store=store)
+    assert built == [] and compared == []
+    cols = ["method", "source", "seed", "eval_domain", "kld_mean"]
+    assert again[cols].equals(df[cols])
+    wider = C.sweep("tiny", C.get_grid(GRID, seeds=[0, 1, 2]), store=store)
+    assert [c.seed for c in built] == [2, 2] and len(compared) == 6 and len(wider) == 18
+
+    mean, spread = C.source_matrix(wider, "fp8_static")
+    assert list(mean.index) == ["prose", "chat"] and (spread.to_numpy() >= 0).all()
+    assert C.findings(wider)[0].startswith("**fp8_static**")
+    assert len(C.cost_table(wider)) == 6

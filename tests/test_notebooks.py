@@ -38,3 +38,17 @@ def test_task_sensitivity_notebook_reports_families_cis_and_flips(tmp_path):
     assert "against the claim" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
     assert "Traceback" not in html
+
+
+@pytest.mark.slow
+def test_calibration_notebook_reports_matrix_curves_and_cost(tmp_path):
+    params = {"model": "tiny", "methods": ["fp8_static"], "sources": ["prose", "chat", "random"],
+              "samples": [2, 4], "seq_lens": [32, 64], "seeds": [0, 1], "center": [2, 32], "eval_tokens": 256,
+              "ctx": 128}
+    records = run_report(["01_calibration_data"], params, tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "01_calibration_data.html").read_text()
+    assert "duplicate_rows_pct" in html and "quant_seconds" in html  # diagnostics and cost tables
+    assert "seed-to-seed" in html and "**fp8_static**" not in html and "<strong>fp8_static</strong>" in html
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 5
+    assert "Traceback" not in html
