@@ -114,5 +114,5 @@ def test_sensitivity_prints_the_family_table_and_findings(capsys):
     code, out, _ = run(capsys, "sensitivity", "--model", "tiny", "--methods", "fp8_dynamic",
                        "--tasks", "qkit_arithmetic,qkit_xsum", "--limit", "2")
     assert code == 0
-    assert "change pp [95% CI]" in out and "arithmetic" in out and "summarization" in out
+    assert "change [95% CI]" in out and "arithmetic" in out and "summarization" in out
     assert "fp8_dynamic against the claim" in out

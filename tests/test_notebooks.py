@@ -34,7 +34,7 @@ def test_task_sensitivity_notebook_reports_families_cis_and_flips(tmp_path):
     html = (tmp_path / "04_task_sensitivity.html").read_text()
     for family in ("arithmetic", "code", "long_context", "summarization"):
         assert f">{family}<" in html, family
-    assert "change pp [95% CI]" in html and "correct_to_wrong" in html  # family table and flip table
+    assert "change [95% CI]" in html and "correct_to_wrong" in html  # family table and flip table
     assert "against the claim" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
     assert "Traceback" not in html

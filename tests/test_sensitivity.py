@@ -90,6 +90,11 @@ def test_findings_follow_the_cis_not_the_claim() -> None:
     assert "the CIs overlap summarization's: this run cannot tell them apart" in text
     assert "lost more than" not in text
 
+    floor = _result({("baseline", "qkit_humaneval"): [0] * n, ("m", "qkit_humaneval"): [0] * n,
+                     ("baseline", "qkit_xsum"): [0.5] * n, ("m", "qkit_xsum"): [0.4] * n})
+    text = "\n".join(S.findings(floor))
+    assert "code: not compared, the baseline scores 0" in text and "lost less" not in text
+
     zero = _result({("baseline", "qkit_humaneval"): [0] * 5, ("m", "qkit_humaneval"): [0] * 5})
     assert "both score 0 on 5 items, so this model cannot show a loss" in S.findings(zero)[0]
     assert "needs summarization" in S.findings(zero)[1]

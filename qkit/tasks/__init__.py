@@ -48,6 +48,8 @@ class Task:
     needs_tokenizer: bool = False
     # Runs model-written code: allowed only because scoring.humaneval runs it in qkit.sandbox.
     unsafe_code: bool = False
+    # Another task with the same prompts, whose prompt KLD this task shares.
+    prompts_of: str | None = None
 
 
 _TASKS = (
@@ -70,7 +72,7 @@ _TASKS = (
          "CC BY-SA 4.0 (XSum); BIG-bench Apache-2.0", lambda **_: items.xsum(), binary=False),
     Task("qkit_xsum_ll", "summarization", "nll_per_byte", "the same XSum items: reference summary likelihood",
          "CC BY-SA 4.0 (XSum); BIG-bench Apache-2.0", lambda **_: items.xsum(), binary=False,
-         higher_is_better=False, in_family_score=False),
+         higher_is_better=False, in_family_score=False, prompts_of="qkit_xsum"),
 )
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
 
