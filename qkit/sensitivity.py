@@ -30,6 +30,9 @@ from qkit.tasks import items as task_items
 BASELINE = "baseline"
 DEFAULT_METHODS = ("fp8_dynamic", "w8a8_int8", "w4a16_gptq", "w4a16_awq")
 CI_BOOT = 2000
+# Below this many paired items a percentile bootstrap CI is too unreliable to conclude from (with 4 items
+# there are only 35 distinct resamples): findings say so instead of calling a change real.
+MIN_ITEMS = 10
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,9 @@ PROFILES = {
     # to show the machinery and gross effects. Passkey at 512-1024 tokens only.
     # Measured on SmolLM2 with 2 cores: ~140 prompt tokens/s and ~0.2 s per batched decoding step, so the
     # XSum articles (~600 tokens each) and long generations dominate; they get fewer items and tokens.
+    # Too few items for conclusions (see MIN_ITEMS): it shows the machinery and gross effects only.
     "quick": Profile("quick", limit=6, context_lengths=(512, 1024), depths=(0.0, 1.0), per_cell=1,
-                     kld_tokens=256, max_gen_toks=96, batch_size=8,
+                     kld_tokens=256, max_gen_toks=64, batch_size=8,
                      task_limits=(("qkit_xsum", 4), ("qkit_xsum_ll", 4))),
     # Every item, passkey up to 8K: for a GPU, or a CPU with hours to spare.
     "full": Profile("full", limit=None, context_lengths=task_items.CONTEXT_LENGTHS, depths=task_items.DEPTHS,
@@ -271,8 +275,9 @@ def findings(res: SensitivityResult, seed: int = 0) -> list[str]:
             if r["score_base"] == 0 and r["score"] == 0:
                 parts.append(f"{r['family']}: baseline and {method} both score 0 on {r['n']} items, so this "
                              "model cannot show a loss here")
-            elif np.isnan(r["diff_low"]):
-                parts.append(f"{r['family']}: {pp} on {r['n']} item(s), too few for a CI")
+            elif np.isnan(r["diff_low"]) or r["n"] < MIN_ITEMS:
+                parts.append(f"{r['family']}: {pp} on {r['n']} item(s), too few to conclude (fewer than "
+                             f"{MIN_ITEMS}; run more items or the full profile)")
             elif r["diff_high"] < 0:
                 parts.append(f"{r['family']}: loses {pp}, a loss the 95% CI excludes zero from")
             elif r["diff_low"] > 0:
@@ -292,12 +297,12 @@ def _claim(method: str, g: pd.DataFrame) -> str:
     s = summ.iloc[0]
     if s["score_base"] == 0:
         return f"*{method}: the baseline scores 0 on summarization, so there is no loss to compare against.*"
-    worse, overlap, better, floor = [], [], [], []
+    worse, overlap, better, floor, few = [], [], [], [], []
     for _, r in others.iterrows():
         if r["score_base"] == 0:
             floor.append(r["family"])
-        elif np.isnan(r["diff_low"]) or np.isnan(s["diff_low"]):
-            overlap.append(r["family"])
+        elif min(r["n"], s["n"]) < MIN_ITEMS or np.isnan(r["diff_low"]) or np.isnan(s["diff_low"]):
+            few.append(r["family"])
         elif r["diff_high"] < s["diff_low"]:
             worse.append(r["family"])
         elif r["diff_low"] > s["diff_high"]:
@@ -311,6 +316,8 @@ def _claim(method: str, g: pd.DataFrame) -> str:
         out.append(f"{', '.join(better)} lost less than summarization, with non-overlapping CIs.")
     if overlap:
         out.append(f"For {', '.join(overlap)} the CIs overlap summarization's: this run cannot tell them apart.")
+    if few:
+        out.append(f"{', '.join(few)}: not compared, too few items (fewer than {MIN_ITEMS} in a family).")
     if floor:
         out.append(f"{', '.join(floor)}: not compared, the baseline scores 0.")
     return " ".join(out)
