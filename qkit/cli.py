@@ -121,7 +121,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         print(json.dumps({"families": fam.to_dict("records"), "tasks": sensitivity.task_table(res).to_dict("records"),
                           "meta": res.meta}, indent=2, default=str))
         return 0
-    print(sensitivity.display_table(fam).to_string(index=False))
+    print(sensitivity.display_table(fam).to_string())
     print()
     print("\n".join(line.replace("**", "").replace("*", "") for line in sensitivity.findings(res)))
     return 0

@@ -260,7 +260,9 @@ def flip_table(res: SensitivityResult) -> pd.DataFrame:
     df = task_table(res)
     df = df[df["task"].map(lambda t: tasks.get_task(t).binary)]
     cols = ["method", "task", "n", "score_base", "score", "correct_to_wrong", "wrong_to_correct", "flips_pct"]
-    return df[cols].reset_index(drop=True)
+    out = df[cols].assign(score_base=100 * df["score_base"], score=100 * df["score"])
+    out = out.astype({"correct_to_wrong": int, "wrong_to_correct": int}).round(1)
+    return out.rename(columns={"score_base": "baseline %", "score": "quantized %"}).set_index(["method", "task"])
 
 
 def findings(res: SensitivityResult, seed: int = 0) -> list[str]:
@@ -357,7 +359,8 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
                                 f"{r['correct_to_wrong']:.0f} / {r['wrong_to_correct']:.0f}"),
             "KLD": f"{r['kld_mean']:.4f}",
         })
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    return out.set_index(list(out.columns[:2])) if len(out) else out
 
 
 def flip_examples(res: SensitivityResult, n: int = 6) -> pd.DataFrame:

@@ -66,11 +66,12 @@ def test_tables_pair_items_by_id_and_pool_families() -> None:
     by_task = S.task_table(res).set_index("task")
     assert by_task.loc["qkit_xsum_ll", "recovery_pct"] == pytest.approx(100 * 2.5 / 3.0)
     flips = S.flip_table(res)
-    assert set(flips["task"]) == {"qkit_gsm8k", "qkit_arithmetic"}
+    assert set(flips.index.get_level_values("task")) == {"qkit_gsm8k", "qkit_arithmetic"}
+    assert flips.loc[("m", "qkit_gsm8k"), "correct_to_wrong"] == 1 and flips.loc[("m", "qkit_gsm8k"), "baseline %"] == 50
     ex = S.flip_examples(res)
     assert list(ex["item"]) == ["1"] and ex["flip"].iloc[0] == "correct → wrong"
     shown = S.display_table(fam.reset_index())
-    assert shown.set_index("family").loc["arithmetic", "baseline"] == "66.7"
+    assert shown.loc[("m", "arithmetic"), "baseline"] == "66.7"
     plots.recovery_by_family(fam.reset_index())
 
 
