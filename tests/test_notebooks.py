@@ -35,7 +35,8 @@ def test_task_sensitivity_notebook_reports_families_cis_and_flips(tmp_path):
     for family in ("arithmetic", "code", "long_context", "summarization"):
         assert f">{family}<" in html, family
     assert "change [95% CI]" in html and "correct_to_wrong" in html  # family table and flip table
-    assert "against the claim" in html
+    # the claim check runs; `tiny` scores 0 on summarization, which it must say rather than rank families
+    assert "against the claim" in html or "no loss to compare against" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
     assert "Traceback" not in html
 
