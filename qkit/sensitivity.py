@@ -58,7 +58,7 @@ PROFILES = {
     # XSum articles (~600 tokens each) and long generations dominate; they get fewer items and tokens.
     # Too few items for conclusions (see MIN_ITEMS): it shows the machinery and gross effects only.
     "quick": Profile("quick", limit=6, context_lengths=(512, 1024), depths=(0.0, 1.0), per_cell=1,
-                     kld_tokens=256, max_gen_toks=64, batch_size=8,
+                     kld_tokens=256, max_gen_toks=48, batch_size=8,
                      task_limits=(("qkit_xsum", 4), ("qkit_xsum_ll", 4))),
     # Every item, passkey up to 8K: for a GPU, or a CPU with hours to spare.
     "full": Profile("full", limit=None, context_lengths=task_items.CONTEXT_LENGTHS, depths=task_items.DEPTHS,
