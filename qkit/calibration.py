@@ -177,10 +177,12 @@ class Grid:
 
 
 PROFILES = {
-    # GPTQ and AWQ, tiny sets, two seeds. On SmolLM2 with 2 CPU cores each run costs ~50-60 s whatever
-    # its size below ~1K tokens (30 layers of per-layer work), so this grid's 28 runs take ~30 minutes.
-    "quick": Grid(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code", "random", "mixed"),
-                  samples=(4, 16), seq_lens=(128, 512), seeds=(0, 1), center=(4, 128), eval_tokens=1024),
+    # GPTQ and AWQ, tiny sets, two seeds, sized to ~15 minutes on SmolLM2 with 2 CPU cores and 2 workers.
+    # Measured per run there (one thread): GPTQ ~50 s whatever the set's size (a per-column loop over 30
+    # layers); AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128). So the
+    # curves step down from the center, where they are cheap; `full` steps up.
+    "quick": Grid(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code"),
+                  samples=(2, 4), seq_lens=(64, 128), seeds=(0, 1), center=(4, 128), eval_tokens=1024),
     # The issue's grid: for a GPU or a long night.
     "full": Grid(methods=("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static"),
                  sources=("prose", "chat", "code", "random", "mixed"), samples=(8, 32, 128, 512),
@@ -221,15 +223,30 @@ def check_grid(grid: Grid, max_len: int) -> None:
                         "add it to the sources")
 
 
+def default_workers() -> int:
+    """Parallel quantization processes for a sweep on this machine.
+
+    On CPU, GPTQ spends its time in a per-column Python loop (~50 s per run on SmolLM2 whatever the
+    calibration size) that one thread runs as fast as two, and two one-thread processes on 2 cores each
+    kept their single-process speed: two workers halve a sweep's time. Each holds a model copy (~1.5 GB
+    peak on SmolLM2), hence the cap. With an accelerator, one process owns it."""
+    import os
+
+    import torch
+
+    return 1 if torch.accelerator.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
 def sweep(model: str = "smollm2-135m", profile: str | Grid = "quick", *, store=None,
-          trust_remote_code: bool = False):
+          trust_remote_code: bool = False, workers: int | None = None):
     """Quantize with every calibration set of the grid and evaluate each checkpoint on every domain's
     held-out text. One row per (method, calibration set, eval domain); every step is cached, so a
-    larger grid computes only its new cells."""
+    larger grid computes only its new cells. Missing cells run in ``workers`` processes
+    (:func:`default_workers`)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from qkit import methods, models, studies
+    from qkit import evaluation, methods, models, studies
     from qkit.evaluation import EvalSpec
     from qkit.store import Store
 
@@ -244,20 +261,78 @@ def sweep(model: str = "smollm2-135m", profile: str | Grid = "quick", *, store=N
                               tokenizer=loaded.tokenizer)
     evals = [EvalSpec(domain=d, n_tokens=grid.eval_tokens, ctx=grid.ctx) for d in data.EVAL_DOMAINS]
     cells = [(m, c) for m in grid.methods for c in grid.configs() if methods.get_method(m).needs_calibration]
+    missing = [(m, c) for m, c in cells if any(
+        store.lookup("evaluation", studies.evaluation_spec(store.key("checkpoint", methods.checkpoint_spec(
+            loaded, m, c)), e)) is None for e in evals)]
+    workers = default_workers() if workers is None else workers
+    if workers > 1 and len(missing) > 1:
+        for spec in evals:  # once, here, rather than raced for by the workers
+            evaluation.baseline(loaded, spec, store)
+        _run_parallel(missing, model, store.root, evals, trust_remote_code, min(workers, len(missing)))
     rows = []
-    for method, calib in tqdm(cells, desc="calibration sweep", unit="checkpoint"):
-        for spec in evals:
-            r = studies.evaluate_method(loaded, method, calib=calib, eval_spec=spec, store=store, seed=calib.seed)
-            rows.append({"method": method, "source": calib.name, "n_samples": calib.n_samples,
-                         "seq_len": calib.seq_len, "seed": calib.seed, "eval_domain": spec.domain,
-                         "in_domain": calib.name == spec.domain, "kld_mean": r["kld_mean"],
-                         "ppl_quant": r["ppl_quant"], "ppl_base": r["ppl_base"], "top1_pct": r["top1_pct"],
-                         "quant_seconds": r["quant_seconds"], "peak_rss_mb": r["quant_peak_rss_mb"],
-                         "rss_growth_mb": r["quant_rss_growth_mb"],
-                         "checkpoint": r["checkpoint"]})
+    for method, calib in tqdm(cells, desc="calibration sweep", unit="checkpoint", disable=not missing):
+        rows.extend(_cell(loaded, method, calib, evals, store))
     df = pd.DataFrame(rows)
     df.attrs.update(model=loaded.info, grid=asdict(grid))
     return df
+
+
+def _cell(loaded, method: str, calib: data.CalibSpec, evals, store) -> list[dict]:
+    """One checkpoint on every eval text, its model loaded once and only if some evaluation is missing."""
+    from qkit import methods, models, studies
+
+    quantized = models.Lazy(lambda: methods.load_quantized(methods.quantize(loaded, method, calib=calib,
+                                                                            store=store)))
+    rows = []
+    for spec in evals:
+        r = studies.evaluate_method(loaded, method, calib=calib, eval_spec=spec, store=store, seed=calib.seed,
+                                    quantized=quantized)
+        rows.append({"method": method, "source": calib.name, "n_samples": calib.n_samples,
+                     "seq_len": calib.seq_len, "seed": calib.seed, "eval_domain": spec.domain,
+                     "in_domain": calib.name == spec.domain, "kld_mean": r["kld_mean"],
+                     "ppl_quant": r["ppl_quant"], "ppl_base": r["ppl_base"], "top1_pct": r["top1_pct"],
+                     "quant_seconds": r["quant_seconds"], "peak_rss_mb": r["quant_peak_rss_mb"],
+                     "rss_growth_mb": r["quant_rss_growth_mb"], "checkpoint": r["checkpoint"]})
+    return rows
+
+
+def _run_parallel(cells, model: str, root, evals, trust_remote_code: bool, workers: int) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(model, str(root), trust_remote_code)) as pool:
+        futures = [pool.submit(_worker_cell, m, c, evals) for m, c in cells]
+        try:
+            for f in tqdm(as_completed(futures), total=len(futures), desc=f"calibration sweep ({workers} workers)",
+                          unit="checkpoint"):
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()  # what finished is cached; a rerun resumes from there
+            raise
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model: str, root: str, trust_remote_code: bool) -> None:
+    import torch
+
+    from qkit import models
+    from qkit.store import Store
+
+    torch.set_num_threads(1)
+    store = Store(root)
+    _WORKER.update(store=store, loaded=models.resolve_model(model, store=store, trust_remote_code=trust_remote_code))
+
+
+def _worker_cell(method: str, calib: data.CalibSpec, evals) -> None:
+    _cell(_WORKER["loaded"], method, calib, evals, _WORKER["store"])
 
 
 METRICS = {"kld_mean": "mean KLD to baseline (nats)", "ppl_quant": "perplexity", "top1_pct": "top-1 agreement (%)"}
@@ -359,3 +434,10 @@ def explorer(df):
         plt.close("all")
 
     return widgets.interactive(show, method=method, metric=metric, domain=domain)
+
+
+def provenance(df):
+    """Where each checkpoint of the sweep came from (its calibration set, versions, commit, hardware)."""
+    from qkit import studies
+
+    return studies.provenance_table(df.drop_duplicates("checkpoint"))

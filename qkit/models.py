@@ -109,6 +109,18 @@ class LoadedModel:
 # ---------------------------------------------------------------- small helpers
 
 
+class Lazy:
+    """A model loaded on first use only, so that a run whose results are all cached loads nothing."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load, self._model = load, None
+
+    def __call__(self) -> Any:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+
 def max_length(config: Any) -> int:
     """The longest sequence the model was built for (max_position_embeddings or its synonyms)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

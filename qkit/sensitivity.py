@@ -101,18 +101,6 @@ def spread(n_available: int, limit: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_available - 1, limit)})
 
 
-class _Lazy:
-    """A model that is loaded only if some result is missing from the cache."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load, self._model = load, None
-
-    def __call__(self) -> Any:
-        if self._model is None:
-            self._model = self._load()
-        return self._model
-
-
 def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT_METHODS,
         task_names: str | Sequence[str] | None = None, *, profile: str | Profile = "quick", limit: int | None = None,
         context_lengths: Sequence[int] | None = None, calib: CalibSpec | None = None, store: Store | None = None,
@@ -141,12 +129,12 @@ def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT
         n = (tasks.check_limit(task, limit, len(docs)) if limit is not None else min(cap or len(docs), len(docs)))
         plan.append((task, [docs[i]["id"] for i in spread(len(docs), n)], {d["id"]: i for i, d in enumerate(docs)}))
 
-    variants: list[tuple[str, str, _Lazy]] = [(BASELINE, "float", _Lazy(lambda: loaded.model))]
+    variants: list[tuple[str, str, models.Lazy]] = [(BASELINE, "float", models.Lazy(lambda: loaded.model))]
     checkpoints = {}
     for name in names:
         ckpt = methods.quantize(loaded, name, calib=calib, store=store)
         checkpoints[name] = str(ckpt.path)
-        variants.append((name, ckpt.path.name, _Lazy(lambda c=ckpt: methods.load_quantized(c))))
+        variants.append((name, ckpt.path.name, models.Lazy(lambda c=ckpt: methods.load_quantized(c))))
 
     rows, kld_rows, seconds = [], [], {}
     code = _code_hash()
@@ -169,7 +157,7 @@ def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT
                       "score": r["score"], "output": r.get("output")} for i, r in done.items()]
             if label != BASELINE:
                 kld_rows.append({"method": label, "task": task.name,
-                                 **_task_kld(loaded, task, get_model, identity, prof, store)})
+                                 **_task_kld(loaded, task, get_model, identity, prof, store, code)})
     meta = {"model": loaded.info, "profile": asdict(prof), "limit": limit, "methods": names,
             "tasks": [t.name for t in chosen], "calibration": asdict(calib or CalibSpec()),
             "seconds": {f"{m}/{t}": s for (m, t), s in seconds.items()}, "checkpoints": checkpoints,
@@ -177,11 +165,11 @@ def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT
     return SensitivityResult(pd.DataFrame(rows), pd.DataFrame(kld_rows), meta)
 
 
-def _task_kld(loaded: models.LoadedModel, task: tasks.Task, get_model: _Lazy, identity: str, prof: Profile,
-              store: Store) -> dict:
+def _task_kld(loaded: models.LoadedModel, task: tasks.Task, get_model: models.Lazy, identity: str, prof: Profile,
+              store: Store, code: str) -> dict:
     spec = EvalSpec(domain=TASK_PREFIX + (task.prompts_of or task.name), n_tokens=prof.kld_tokens, ctx=min(512, prof.kld_tokens),
                     batch_size=4)
-    result = store.get_json("task_kld", {"variant": identity, "eval": spec.key(), "code": _code_hash()},
+    result = store.get_json("task_kld", {"variant": identity, "eval": spec.key(), "code": code},
                             lambda: compare(get_model(), loaded, spec, store, label=f"KLD {task.name}"))
     return {"kld_mean": result["kld_mean"], "top1_agreement_pct": result["top1_agreement_pct"],
             "kld_tokens": result["n_tokens"]}

@@ -41,15 +41,22 @@ def _row(result: dict, seed: int) -> dict:
     return row
 
 
+def evaluation_spec(checkpoint_key: str, eval_spec: EvalSpec) -> dict:
+    """The store key of one checkpoint's evaluation on one eval text."""
+    return {"checkpoint": checkpoint_key, "eval": eval_spec.key()}
+
+
 def evaluate_method(loaded: models.LoadedModel, method: str, *, calib: CalibSpec | None = None,
-                    eval_spec: EvalSpec = EvalSpec(), store: Store | None = None, seed: int = 0) -> dict:
-    """Quantize (or reuse the cached checkpoint), evaluate against the baseline, and describe the result."""
+                    eval_spec: EvalSpec = EvalSpec(), store: Store | None = None, seed: int = 0,
+                    quantized: models.Lazy | None = None) -> dict:
+    """Quantize (or reuse the cached checkpoint), evaluate against the baseline, and describe the result.
+    Pass the same ``quantized`` (a :class:`models.Lazy` of this checkpoint) to several calls to load it once."""
     store = store or Store()
     m = methods.get_method(method)
     ckpt = methods.quantize(loaded, m, calib=calib, store=store)
-    result = store.get_json(
-        "evaluation", {"checkpoint": ckpt.path.name, "eval": eval_spec.key()},
-        lambda: compare(methods.load_quantized(ckpt), loaded, eval_spec, store, label=m.name))
+    quantized = quantized or models.Lazy(lambda: methods.load_quantized(ckpt))
+    result = store.get_json("evaluation", evaluation_spec(ckpt.path.name, eval_spec),
+                            lambda: compare(quantized(), loaded, eval_spec, store, label=m.name))
     return {
         "method": m.name, "title": m.title, "weight_format": m.weight_format,
         "weight_bits": m.weight_bits, "act_bits": m.act_bits, "group_size": m.group_size,

@@ -70,10 +70,10 @@ GRID = C.Grid(methods=("fp8_static",), sources=("prose", "chat"), samples=(2,), 
 
 
 def test_grid_configs_run_along_three_axes_through_the_center() -> None:
-    g = C.get_grid("quick", samples=[4, 16, 64], seeds=[0])
+    g = C.get_grid("quick", samples=[4, 16, 64], seq_lens=[128, 512], seeds=[0])
     got = [(c.name, c.n_samples, c.seq_len) for c in g.configs()]
     n0, len0 = g.center
-    assert got[:5] == [(s, n0, len0) for s in g.sources]
+    assert got[:len(g.sources)] == [(s, n0, len0) for s in g.sources]
     assert ("prose", 64, len0) in got and ("prose", n0, 512) in got
     assert len(got) == len(set(got))  # the center is not repeated
 
@@ -108,19 +108,35 @@ def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tm
     monkeypatch.setattr(methods, "_build_checkpoint", lambda *a: built.append(a[2]) or real_build(*a))
     monkeypatch.setattr(studies, "compare", lambda *a, **k: compared.append(a[2].domain) or real_compare(*a, **k))
 
-    df = C.sweep("tiny", GRID, store=store)
+    df = C.sweep("tiny", GRID, store=store, workers=1)  # in this process, where the counters are
     assert len(built) == 4 and len(compared) == 4 * 3  # 2 sources x 2 seeds; 3 eval texts each
     assert len(df) == 12 and set(df["eval_domain"]) == {"prose", "chat", "code"}
     assert (df["in_domain"] == (df["source"] == df["eval_domain"])).all()
     built.clear(), compared.clear()
-    again = C.sweep("tiny", GRID, store=store)
+    again = C.sweep("tiny", GRID, store=store, workers=1)
     assert built == [] and compared == []
     cols = ["method", "source", "seed", "eval_domain", "kld_mean"]
     assert again[cols].equals(df[cols])
-    wider = C.sweep("tiny", C.get_grid(GRID, seeds=[0, 1, 2]), store=store)
+    wider = C.sweep("tiny", C.get_grid(GRID, seeds=[0, 1, 2]), store=store, workers=1)
     assert [c.seed for c in built] == [2, 2] and len(compared) == 6 and len(wider) == 18
 
     mean, spread = C.source_matrix(wider, "fp8_static")
     assert list(mean.index) == ["prose", "chat"] and (spread.to_numpy() >= 0).all()
     assert C.findings(wider)[0].startswith("**fp8_static**")
     assert len(C.cost_table(wider)) == 6
+
+
+def test_parallel_sweep_fills_the_cache_the_serial_one_reads(tiny, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from qkit import methods, studies
+    from qkit.store import Store
+
+    store = Store(tmp_path)
+    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    df = C.sweep("tiny", GRID, store=store, workers=2)
+    assert len(set(df["checkpoint"])) == 4 and df["kld_mean"].gt(0).all()
+    monkeypatch.setattr(methods, "_build_checkpoint", lambda *a, **k: pytest.fail("quantized again"))
+    monkeypatch.setattr(studies, "compare", lambda *a, **k: pytest.fail("evaluated again"))
+    again = C.sweep("tiny", GRID, store=store, workers=2)  # nothing missing: no worker starts
+    assert again["kld_mean"].equals(df["kld_mean"])

@@ -3,6 +3,7 @@ quantize, save, reload and stay close to the float model."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 from dataclasses import asdict
@@ -240,3 +241,19 @@ def test_quantize_save_reload(name, tiny, eval_ids, float_loss, ckpt_store, monk
     other_calib = CALIB if method.needs_calibration else CalibSpec("code")
     again = quantize(tiny, method, calib=other_calib, store=ckpt_store)
     assert again.path == ckpt.path and again.seconds == ckpt.seconds
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_quantizing_keeps_no_model_copy_alive(tiny, tmp_path):
+    # llm-compressor's traced forwards used to stay registered with torch.fx, holding each run's model
+    # copy: a calibration sweep grew by a model per run.
+    from torch.fx import _symbolic_trace
+
+    def alive() -> int:
+        gc.collect()
+        return sum(type(o) is type(tiny.model) for o in gc.get_objects())
+
+    before, wrapped = alive(), len(_symbolic_trace._wrapped_fns_to_patch)
+    quantize(tiny, "w4a16_gptq", calib=CalibSpec("prose", n_samples=4, seq_len=64), store=Store(tmp_path))
+    assert alive() == before
+    assert len(_symbolic_trace._wrapped_fns_to_patch) == wrapped
