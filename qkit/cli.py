@@ -127,6 +127,42 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise QkitError(f"expected comma-separated whole numbers, got {text!r}", "write e.g. 4096,32768") from None
+
+
+def cmd_kv_plan(args: argparse.Namespace) -> int:
+    from qkit import kvcache
+
+    plan = kvcache.plan(args.model, contexts=_ints(args.context), batches=_ints(args.batch),
+                        formats=args.formats.split(","), weights=args.weights.split(","),
+                        device_memory=args.device_memory)
+    if args.json:
+        print(plan.to_json(orient="records", indent=2))
+        return 0
+    print(kvcache.plan_table(plan).to_string())
+    print()
+    print("\n".join(kvcache.plan_summary(plan)))
+    return 0
+
+
+def cmd_kv_evaluate(args: argparse.Namespace) -> int:
+    from qkit import kvcache
+
+    res = kvcache.quality(args.model, args.profile, schemes=args.scheme.split(","), n_tokens=args.tokens,
+                          n_docs=args.docs, context_lengths=_ints(args.context_lengths) if args.context_lengths else None,
+                          trust_remote_code=args.trust_remote_code)
+    print(kvcache.by_position(res).round(5).to_string(index=False))
+    print()
+    print(kvcache.retrieval_table(res).to_string())
+    print()
+    print("\n".join(line.replace("**", "") for line in kvcache.findings(res)))
+    return 0
+
+
 def cmd_calib_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -218,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods whose usual calibration size the set is checked against")
     p.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
     p.set_defaults(func=cmd_calib_inspect)
+
+    kv = sub.add_parser("kv", help="KV-cache memory planner and quality").add_subparsers(
+        dest="kv_command", required=True, metavar="COMMAND")
+    p = kv.add_parser("plan", help="KV-cache and weight memory per context, batch and precision")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in name (smollm2-135m, llama-3.1-8b, llama-3.1-70b, qwen2.5-7b), hub id of one of "
+                        "those, or a config.json / model directory")
+    p.add_argument("--context", default="4096,8192,16384,32768,65536,131072", help="context lengths, comma-separated")
+    p.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
+    p.add_argument("--formats", default="bf16,fp8,int4", help="KV cache formats: bf16, fp8, int8, int4")
+    p.add_argument("--weights", default="bf16,fp8,int4", help="weight precisions: bf16, fp8, int8, int4, nvfp4")
+    p.add_argument("--device-memory", help="device memory to fit in, e.g. 80GB")
+    p.add_argument("--json", action="store_true", help="print the plan's rows as JSON")
+    p.set_defaults(func=cmd_kv_plan)
+    p = kv.add_parser("evaluate", help="quality by position and passkey retrieval of KV-cache schemes")
+    _model_args(p)
+    p.add_argument("--scheme", default="fp8_tensor,fp8_head",
+                   help="schemes, comma-separated: fp8_tensor, fp8_head, fp8_unit, fp8_static+fp8_head, "
+                        "fp8_static, hqq_int8, hqq_int4, quanto_int4")
+    p.add_argument("--profile", default="quick", choices=["quick", "full"])
+    p.add_argument("--tokens", type=int, help="tokens per long document (default: the profile's)")
+    p.add_argument("--docs", type=int, help="long documents (default: the profile's)")
+    p.add_argument("--context-lengths", help="passkey lengths, comma-separated (default: the profile's)")
+    p.set_defaults(func=cmd_kv_evaluate)
 
     p = sub.add_parser("report", help="execute notebooks into HTML reports under reports/")
     p.add_argument("notebooks", nargs="*", help="notebook names (default: all in notebooks/)")

@@ -69,6 +69,11 @@ def shape_from_config(config: dict[str, Any], name: str = "model", n_params: int
         n_params=n_params if n_params is not None else config.get("n_params"))
 
 
+def shape_of(loaded: Any) -> ModelShape:
+    """The shape of a model qkit has loaded (a :class:`qkit.models.LoadedModel`), named by its spec."""
+    return shape_from_config(loaded.model.config.to_dict(), name=loaded.spec, n_params=loaded.info["n_params"])
+
+
 def get_shape(model: str | Path | dict[str, Any]) -> ModelShape:
     """A built-in name (``llama-3.1-8b``), a config.json file or model directory, or a config dict."""
     if isinstance(model, dict):

@@ -203,3 +203,62 @@ def segment_histograms(diagnostics: dict) -> Figure:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def kv_by_position(table: pd.DataFrame, metric: str = "kld") -> Figure:
+    """Quality against position (bucket start, log scale) per KV scheme, with 95% CIs: a KV error that
+    grows with distance rises to the right."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for scheme, g in table.groupby("scheme", sort=False):
+        ax.errorbar(g["from"].clip(lower=1), g[metric], yerr=np.vstack([g[metric] - g["low"], g["high"] - g[metric]]), marker="o",
+                    capsize=3, label=scheme)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the document (start of bucket, tokens)")
+    ax.set_ylabel("mean KL divergence to baseline (nats, log)")
+    ax.set_title("KV-cache quantization: quality by position")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def kv_retrieval(table: pd.DataFrame) -> Figure:
+    """Passkey accuracy per scheme (rows) and (context length, depth) (columns)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * table.shape[1] + 2), 0.5 * len(table) + 1.5))
+    im = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_yticks(range(len(table)), table.index)
+    ax.set_xticks(range(table.shape[1]), [f"{n}\n@{d:g}" for n, d in table.columns], fontsize=8)
+    for (i, j), v in np.ndenumerate(table.to_numpy(dtype=float)):
+        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens) @ depth of the key")
+    ax.set_title("Passkey retrieval (% correct)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def kv_plan(plan: pd.DataFrame, batch: int | None = None) -> Figure:
+    """KV-cache GB against context length per cache format at one batch size, with the room the weights
+    leave on the device at each precision as horizontal lines."""
+    batch = batch or int(plan["batch"].max())
+    d = plan[plan["batch"] == batch]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for fmt, g in d.groupby("kv_format", sort=False):
+        ax.plot(g["context"], g["kv_gb"], marker="o", label=f"KV cache, {fmt}")
+    device = plan.attrs.get("device_gb")
+    if device:
+        for w, wgb in plan.attrs["weights_gb"].items():
+            ax.axhline(device - wgb, ls="--", lw=1, color="grey")
+            ax.annotate(f"room beside {w} weights", (d["context"].min(), device - wgb), fontsize=7,
+                        textcoords="offset points", xytext=(2, 2))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("GB")
+    ax.set_title(f"{plan.attrs['model'].name}: KV cache at batch {batch}"
+                 + (f" on a {device:g} GB device" if device else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

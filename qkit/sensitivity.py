@@ -104,10 +104,13 @@ def spread(n_available: int, limit: int) -> list[int]:
 def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT_METHODS,
         task_names: str | Sequence[str] | None = None, *, profile: str | Profile = "quick", limit: int | None = None,
         context_lengths: Sequence[int] | None = None, calib: CalibSpec | None = None, store: Store | None = None,
-        trust_remote_code: bool = False) -> SensitivityResult:
+        trust_remote_code: bool = False, extra: Sequence[tuple[str, str, Callable[[], Any]]] = ()
+        ) -> SensitivityResult:
     """Run the baseline and each method on each task (cached per item) and measure the KLD on the prompts.
 
     ``limit`` (items per task) and ``context_lengths`` (passkey, in tokens) override the profile's.
+    ``extra`` adds models that are no registry method, as (label, cache identity, loader), e.g. the float
+    model generating with a quantized KV cache.
     """
     prof = get_profile(profile)
     if context_lengths is not None:
@@ -135,6 +138,7 @@ def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT
         ckpt = methods.quantize(loaded, name, calib=calib, store=store)
         checkpoints[name] = str(ckpt.path)
         variants.append((name, ckpt.path.name, models.Lazy(lambda c=ckpt: methods.load_quantized(c))))
+    variants += [(label, identity, models.Lazy(load)) for label, identity, load in extra]
 
     rows, kld_rows, seconds = [], [], {}
     code = _code_hash()

@@ -45,7 +45,7 @@ def test_task_sensitivity_notebook_reports_families_cis_and_flips(tmp_path):
 def test_calibration_notebook_reports_matrix_curves_and_cost(tmp_path):
     params = {"model": "tiny", "methods": ["fp8_static"], "sources": ["prose", "chat", "random"],
               "samples": [2, 4], "seq_lens": [32, 64], "seeds": [0, 1], "center": [2, 32], "eval_tokens": 256,
-              "ctx": 128}
+              "ctx": 128, "workers": 1}
     records = run_report(["01_calibration_data"], params, tmp_path)
     assert [r["status"] for r in records] == ["ok"], records[0].get("error")
     html = (tmp_path / "01_calibration_data.html").read_text()
@@ -53,3 +53,16 @@ def test_calibration_notebook_reports_matrix_curves_and_cost(tmp_path):
     assert "seed-to-seed" in html and "**fp8_static**" not in html and "<strong>fp8_static</strong>" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 5
     assert "Traceback" not in html
+
+
+@pytest.mark.slow
+def test_kv_cache_notebook_reports_position_quality_retrieval_and_planner(tmp_path):
+    params = {"model": "tiny", "schemes": ["fp8_tensor", "fp8_head"], "n_tokens": 512, "n_docs": 2,
+              "context_lengths": [256], "measure_lengths": [64, 256]}
+    records = run_report(["03_kv_cache"], params, tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "03_kv_cache.html").read_text()
+    assert "llama-3.1-8b: 32 layers x 8 KV heads" in html  # the planner for the second model
+    assert "per-tensor against per-head scales" in html and "passkey retrieval" in html
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 3
+    assert "Traceback" not in html and "False" not in html  # every planned size matched the measured one

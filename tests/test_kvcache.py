@@ -1,0 +1,130 @@
+"""The KV planner against hand computation and against the bytes real caches hold; the KV study on tiny."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qkit import kvcache as K
+from qkit import memory
+from qkit.errors import QkitError
+
+
+def test_kv_bytes_by_hand() -> None:
+    llama = memory.get_shape("llama-3.1-8b")
+    # 2 (K and V) x 32 layers x 8 KV heads x 128 dims x 2 bytes x 32768 tokens: the well-known 4 GiB.
+    assert K.kv_bytes(llama, 32768, 1, "bf16") == 2 * 32 * 8 * 128 * 2 * 32768 == 4 * 2**30
+    assert K.kv_bytes(llama, 32768, 8, "fp8") == 4 * 2**30 * 8 / 2
+    # int4 with a 2-byte scale and zero per 64 elements: 0.5 + 4/64 bytes per element.
+    assert K.kv_bytes(llama, 1000, 2, "int4") == 2 * 32 * 8 * 128 * 1000 * 2 * (0.5 + 4 / 64)
+    # residual tokens stay at full width
+    assert K.kv_bytes(llama, 100, 1, "int4", residual=100) == K.kv_bytes(llama, 100, 1, "bf16")
+    assert memory.get_shape("meta-llama/Llama-3.1-70B-Instruct").n_params > 7e10
+
+
+def test_plan_table_and_what_fits() -> None:
+    plan = K.plan("llama-3.1-8b", contexts=[32768, 131072], batches=[1, 8], device_memory="80GB")
+    row = plan[(plan["context"] == 32768) & (plan["batch"] == 8) & (plan["kv_format"] == "fp8")].iloc[0]
+    assert row["kv_gb"] == pytest.approx(2 * 32 * 8 * 128 * 32768 * 8 / 1e9)
+    assert row["total_gb_bf16"] == pytest.approx(row["kv_gb"] + 8030261248 * 2 / 1e9)
+    assert row["fits_bf16"]
+    big = plan[(plan["context"] == 131072) & (plan["batch"] == 8) & (plan["kv_format"] == "bf16")].iloc[0]
+    assert not big["fits_bf16"]  # 137 GB of cache
+    table = K.plan_table(plan)
+    assert table.loc[(131072, 8), "KV GB, bf16"].endswith("✗") and not table.loc[(32768, 1), "KV GB, bf16"].endswith("✗")
+    assert any("room left" in line for line in K.plan_summary(plan))
+
+
+def test_planner_equals_the_bytes_real_caches_hold_on_tiny(tiny) -> None:
+    m = K.measure_bytes(tiny, lengths=[17, 64, 300])
+    assert set(m["cache"]) == set(K.RUNTIME_CACHES) and len(m) == 3 * len(K.RUNTIME_CACHES)
+    assert (m["measured_bytes"] == m["planned_bytes"]).all(), m
+    dyn = m[(m["cache"] == "dynamic") & (m["tokens"] == 64)]["measured_bytes"].item()
+    c = tiny.model.config
+    assert dyn == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 64 * 4
+
+
+@pytest.mark.slow
+def test_planner_equals_the_bytes_real_caches_hold_on_the_default_model() -> None:
+    from qkit import models
+
+    loaded = models.resolve_model(models.DEFAULT_MODEL)
+    m = K.measure_bytes(loaded, lengths=[100, 1000, 3000])
+    assert (m["measured_bytes"] == m["planned_bytes"]).all(), m
+
+
+def test_chunked_prefill_with_a_plain_cache_equals_one_pass(tiny) -> None:
+    ids = torch.randint(0, tiny.model.config.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
+    one = K._hidden(tiny.model, ids, None, 0)
+    chunked = K._hidden(tiny.model, ids, "dynamic", 64)
+    torch.testing.assert_close(chunked, one, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(K._hidden(tiny.model, ids, "hqq_int4", 64), one, atol=1e-4)
+
+
+def test_per_head_scales_have_the_shape_compressed_tensors_expects(tiny, tmp_path) -> None:
+    from safetensors import safe_open
+
+    from qkit import methods
+    from qkit.data import CalibSpec
+    from qkit.store import Store
+
+    calib = CalibSpec("prose", 2, 64)
+    heads = tiny.model.config.num_key_value_heads
+    for name, shape in (("kv_fp8_head", [heads, 1, 1]), ("kv_fp8_tensor", [1])):
+        ckpt = methods.quantize(tiny, name, calib=calib, store=Store(tmp_path))
+        with safe_open(str(next(ckpt.path.glob("*.safetensors"))), "pt") as f:
+            scales = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith(("k_scale", "v_scale"))}
+        assert len(scales) == 2 * tiny.model.config.num_hidden_layers
+        assert all(s == shape for s in scales.values()), (name, scales)
+        saved = json.loads((ckpt.path / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
+        assert saved["strategy"] == ("attn_head" if name == "kv_fp8_head" else "tensor")
+        assert saved["num_bits"] == 8 and saved["type"] == "float"
+
+
+def test_bad_input_names_the_problem() -> None:
+    smol = memory.get_shape("smollm2-135m")
+    with pytest.raises(QkitError, match="beyond smollm2-135m's maximum of 8192"):
+        K.check_context(smol, 32768)
+    with pytest.raises(QkitError, match="beyond smollm2-135m's maximum of 8192"):
+        K.plan("smollm2-135m", contexts=[16384, 32768])
+    with pytest.raises(QkitError, match="unknown KV scheme 'fp8_row'.*fp8_head"):
+        K.get_scheme("fp8_row")
+    with pytest.raises(QkitError, match="unknown KV cache format 'fp4'"):
+        K.plan("smollm2-135m", formats=["fp4"])
+    with pytest.raises(QkitError, match="lacks num_hidden_layers"):
+        memory.shape_from_config({"hidden_size": 64, "num_attention_heads": 4}, name="odd")
+    with pytest.raises(QkitError, match="lacks head_dim or hidden_size"):
+        memory.get_shape({"num_hidden_layers": 2, "num_attention_heads": 4})
+    with pytest.raises(QkitError, match="no model shape for 'gpt-9'"):
+        memory.get_shape("gpt-9")
+
+
+def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from qkit.store import Store
+
+    store = Store(tmp_path)
+    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    prof = K.Profile("test", ("fp8_tensor", "fp8_head", "hqq_int4"), n_tokens=512, n_docs=2, chunk=64,
+                     context_lengths=(256,), depths=(1.0,), calib_samples=2, calib_seq_len=64)
+    res = K.quality("tiny", prof, store=store)
+    assert set(res.blocks["scheme"]) == {"fp8_tensor", "fp8_head", "hqq_int4"}
+    assert len(res.blocks) == 3 * 2 * (511 // K.BLOCK)
+    fp8 = res.blocks[res.blocks["scheme"] != "hqq_int4"]
+    assert (fp8["kld"] > 0).all()  # fake-quantized K and V change the output in every block
+    # The runtime cache's first chunk attends to its own unquantized keys; later chunks to the int4 cache.
+    hqq = res.blocks[res.blocks["scheme"] == "hqq_int4"]
+    assert (hqq[hqq["start"] < prof.chunk]["kld"] == 0).all() and (hqq[hqq["start"] >= prof.chunk]["kld"] > 0).all()
+    assert set(res.retrieval["scheme"]) == {"baseline", "fp8_tensor", "fp8_head", "hqq_int4"}
+    table = K.by_position(res)
+    assert list(table["bucket"].unique()) == ["0-256", "256-512"] and (table["low"] <= table["kld"]).all()
+    c = K.compare(res)
+    assert list(c["bucket"]) == ["0-256", "256-512"]
+    assert c["difference"].to_numpy() == pytest.approx((c["fp8_tensor"] - c["fp8_head"]).to_numpy())
+    assert len(K.findings(res)) == 5
+
+    monkeypatch.setattr(K, "position_stats", lambda *a, **k: pytest.fail("recomputed"))
+    again = K.quality("tiny", prof, store=store)
+    assert again.blocks["kld"].equals(res.blocks["kld"])
