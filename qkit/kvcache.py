@@ -136,7 +136,7 @@ def plan_summary(df, weights: str | None = None) -> list[str]:
              f"{shape.kv_elements_per_token:,} cached elements per token, "
              f"{kv_bytes(shape, 1, 1, 'bf16') / 1024:.1f} KiB per token at BF16."]
     if wgb:
-        lines.append("Weights: " + ", ".join(f"{w} {g:.1f} GB" for w, g in wgb.items()) + ".")
+        lines.append("Weights: " + ", ".join(f"{w} {g:.3g} GB" for w, g in wgb.items()) + ".")
     else:
         lines.append("Weights: unknown (no parameter count for this model).")
     if device and wgb:
@@ -233,7 +233,7 @@ def measure_bytes(loaded: Any, lengths: Sequence[int] = (128, 512, 2048),
             with torch.inference_mode():
                 loaded.model(ids, past_key_values=cache, use_cache=True)
             rows.append({"cache": name, "tokens": length, "measured_bytes": held_bytes(cache),
-                         "planned_bytes": kv_bytes(shape, length, 1, cache_format(name, dtype))})
+                         "planned_bytes": round(kv_bytes(shape, length, 1, cache_format(name, dtype)))})
     return pd.DataFrame(rows)
 
 
@@ -299,9 +299,9 @@ def long_documents(tokenizer: Any, n_tokens: int, n_docs: int) -> torch.Tensor:
 
     rows = []
     for text in data.documents("prose", "heldout"):
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) >= n_tokens:
-            rows.append(ids[:n_tokens])
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=n_tokens).input_ids
+        if len(ids) == n_tokens:
+            rows.append(ids)
         if len(rows) == n_docs:
             return torch.tensor(rows, dtype=torch.long)
     raise QkitError(f"the held-out prose has {len(rows)} documents of at least {n_tokens} tokens, "
@@ -420,7 +420,8 @@ def quality(model: str = "smollm2-135m", profile: str | Profile = "quick", *, sc
         ident = (store.key("checkpoint", methods.checkpoint_spec(loaded, scheme.method, calib))
                  if scheme.method else "float")
         spec = {**doc_key, "scheme": scheme.name, "variant": ident, "unit_scales": scheme.unit_scales,
-                "cache": scheme.cache, "chunk": prof.chunk if scheme.cache else None, "block": BLOCK}
+                "cache": scheme.cache, "chunk": prof.chunk if scheme.cache else None, "block": BLOCK,
+                "version": 1}  # bump when position_stats changes
         res = store.get_json("kv_quality", spec, lambda s=scheme: position_stats(
             load_scheme(loaded, s, calib, store), loaded, docs, base_hidden, s.cache, prof.chunk))
         for d in range(n_docs):

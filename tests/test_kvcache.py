@@ -128,3 +128,12 @@ def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, tmp_path, monkeypa
     monkeypatch.setattr(K, "position_stats", lambda *a, **k: pytest.fail("recomputed"))
     again = K.quality("tiny", prof, store=store)
     assert again.blocks["kld"].equals(res.blocks["kld"])
+
+
+def test_runtime_cache_schemes_generate_with_the_quantized_cache(tiny) -> None:
+    # Passkey retrieval runs through lm-eval's generate: the scheme must reach it via the generation config.
+    model = K._generation_model(tiny, K.get_scheme("hqq_int4"), None, None)
+    assert model is not tiny.model and tiny.model.generation_config.cache_implementation is None
+    ids = tiny.tokenizer("The pass key is 12345. The pass key is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert {type(layer).__name__ for layer in out.past_key_values.layers} == {"HQQQuantizedLayer"}
