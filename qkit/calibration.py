@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qkit import data
-from qkit.errors import QkitError
+from qkit.errors import QkitError, lookup
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -194,12 +194,7 @@ CALIBRATED = ("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static", "nvfp4")
 
 def get_grid(profile: str | Grid, **overrides) -> Grid:
     """A profile's grid with the overrides that are not None (lists become tuples)."""
-    if isinstance(profile, Grid):
-        grid = profile
-    elif profile in PROFILES:
-        grid = PROFILES[profile]
-    else:
-        raise QkitError(f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}")
+    grid = profile if isinstance(profile, Grid) else lookup(PROFILES, profile, "profile")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     unknown = set(fields) - set(asdict(grid))
     if unknown:

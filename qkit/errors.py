@@ -5,9 +5,22 @@ CLI can print one line and exit 2 while a notebook shows the same sentence.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class QkitError(Exception):
     def __init__(self, problem: str, fix: str) -> None:
         super().__init__(f"{problem}. Fix: {fix}")
         self.problem = problem
         self.fix = fix
+
+
+def lookup(table: Mapping[str, T], key: str, what: str) -> T:
+    """``table[key]``, or a QkitError that names the `what` asked for and lists the choices."""
+    try:
+        return table[key]
+    except KeyError:
+        raise QkitError(f"unknown {what} {key!r}", f"use one of {', '.join(table)}") from None

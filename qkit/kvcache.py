@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from qkit import memory
-from qkit.errors import QkitError
+from qkit.errors import QkitError, lookup
 from qkit.memory import GB, ModelShape
 
 
@@ -48,9 +48,7 @@ FORMATS: dict[str, CacheFormat] = {
 
 
 def get_format(name: str) -> CacheFormat:
-    if name not in FORMATS:
-        raise QkitError(f"unknown KV cache format {name!r}", f"use one of {', '.join(FORMATS)}")
-    return FORMATS[name]
+    return lookup(FORMATS, name, "KV cache format")
 
 
 def kv_bytes(shape: ModelShape, tokens: int, batch: int = 1, fmt: str | CacheFormat = "bf16", *,
@@ -195,9 +193,7 @@ def make_cache(name: str, config: Any) -> Any:
     """A fresh runtime cache by name (see :data:`RUNTIME_CACHES`)."""
     from transformers import DynamicCache, QuantizedCache
 
-    if name not in RUNTIME_CACHES:
-        raise QkitError(f"unknown runtime cache {name!r}", f"use one of {', '.join(RUNTIME_CACHES)}")
-    kwargs = RUNTIME_CACHES[name]
+    kwargs = lookup(RUNTIME_CACHES, name, "runtime cache")
     if not kwargs:
         return DynamicCache(config=config)
     try:
@@ -266,9 +262,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 
 
 def get_scheme(name: str) -> Scheme:
-    if name not in SCHEMES:
-        raise QkitError(f"unknown KV scheme {name!r}", f"use one of {', '.join(SCHEMES)}")
-    return SCHEMES[name]
+    return lookup(SCHEMES, name, "KV scheme")
 
 
 def load_scheme(loaded: Any, scheme: Scheme, calib: Any = None, store: Any = None) -> Any:
@@ -374,11 +368,7 @@ PROFILES = {
 
 
 def get_profile(profile: str | Profile) -> Profile:
-    if isinstance(profile, Profile):
-        return profile
-    if profile not in PROFILES:
-        raise QkitError(f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}")
-    return PROFILES[profile]
+    return profile if isinstance(profile, Profile) else lookup(PROFILES, profile, "profile")
 
 
 @dataclass

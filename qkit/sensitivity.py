@@ -21,7 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from qkit import methods, metrics, models, provenance, tasks
-from qkit.errors import QkitError
+from qkit.errors import lookup
 from qkit.evaluation import TASK_PREFIX, EvalSpec, compare
 from qkit.methods import CalibSpec
 from qkit.store import Store
@@ -67,11 +67,7 @@ PROFILES = {
 
 
 def get_profile(profile: str | Profile) -> Profile:
-    if isinstance(profile, Profile):
-        return profile
-    if profile not in PROFILES:
-        raise QkitError(f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}")
-    return PROFILES[profile]
+    return profile if isinstance(profile, Profile) else lookup(PROFILES, profile, "profile")
 
 
 @dataclass
