@@ -354,6 +354,7 @@ class Profile:
     depths: tuple[float, ...]
     calib_samples: int = 16
     calib_seq_len: int = 512
+    tasks: tuple[str, ...] = ("qkit_passkey",)  # retrieval tasks of qkit.tasks
 
 
 PROFILES = {
@@ -363,7 +364,7 @@ PROFILES = {
     # The model's full context (8K for SmolLM2), every scheme, more documents and depths.
     "full": Profile("full", tuple(SCHEMES), n_tokens=8192, n_docs=6, chunk=256,
                     context_lengths=(1024, 2048, 4096, 8192), depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-                    calib_samples=64, calib_seq_len=2048),
+                    calib_samples=64, calib_seq_len=2048, tasks=("qkit_passkey", "qkit_passkey_multi")),
 }
 
 
@@ -460,12 +461,12 @@ def _retrieval(loaded: Any, chosen: Sequence[Scheme], prof: Profile, calib: Any,
              for s in chosen if s.unit_scales or s.cache]
     sprof = sensitivity.Profile("kv", limit=None, context_lengths=prof.context_lengths, depths=prof.depths,
                                 per_cell=1, kld_tokens=256, max_gen_toks=16, batch_size=1)
-    res = sensitivity.run(loaded.spec, list(plain), ["qkit_passkey"], profile=sprof, calib=calib, store=store,
+    res = sensitivity.run(loaded.spec, list(plain), list(prof.tasks), profile=sprof, calib=calib, store=store,
                           extra=extra)
     df = res.items.assign(scheme=lambda d: d["method"].map(lambda m: plain.get(m, m)))
-    parts = df["id"].str.split("/", expand=True)
+    parts = df["id"].str.split("/", expand=True)  # passkey{keys}/{length}/{depth}/{j}
     return df.assign(length=parts[1].astype(int), depth=parts[2].astype(float))[
-        ["scheme", "length", "depth", "id", "score", "output"]]
+        ["scheme", "task", "length", "depth", "id", "score", "output"]]
 
 
 # ---------------------------------------------------------------- analysis
@@ -551,7 +552,8 @@ def findings(res: KVResult) -> list[str]:
 
 
 def retrieval_table(res: KVResult):
-    """Passkey accuracy (%) per scheme, by context length and depth."""
+    """Passkey accuracy (%) per scheme (and task, where several), by context length and depth."""
     r = res.retrieval
-    return (100 * r.pivot_table(index=["scheme"], columns=["length", "depth"], values="score", aggfunc="mean",
+    index = ["scheme", "task"] if r["task"].nunique() > 1 else ["scheme"]
+    return (100 * r.pivot_table(index=index, columns=["length", "depth"], values="score", aggfunc="mean",
                                 sort=False)).round(0)

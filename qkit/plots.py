@@ -229,7 +229,7 @@ def kv_retrieval(table: pd.DataFrame) -> Figure:
     """Passkey accuracy per scheme (rows) and (context length, depth) (columns)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * table.shape[1] + 2), 0.5 * len(table) + 1.5))
     im = ax.imshow(table.to_numpy(dtype=float), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-    ax.set_yticks(range(len(table)), table.index)
+    ax.set_yticks(range(len(table)), [" / ".join(i) if isinstance(i, tuple) else i for i in table.index])
     ax.set_xticks(range(table.shape[1]), [f"{n}\n@{d:g}" for n, d in table.columns], fontsize=8)
     for (i, j), v in np.ndenumerate(table.to_numpy(dtype=float)):
         ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)

@@ -137,3 +137,19 @@ def test_runtime_cache_schemes_generate_with_the_quantized_cache(tiny) -> None:
     ids = tiny.tokenizer("The pass key is 12345. The pass key is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert {type(layer).__name__ for layer in out.past_key_values.layers} == {"HQQQuantizedLayer"}
+
+
+def test_retrieval_table_by_length_and_depth_and_its_figure() -> None:
+    import pandas as pd
+
+    from qkit import plots
+
+    rows = [{"scheme": s, "task": t, "length": n, "depth": d, "id": f"x/{n}/{d}", "score": float(s == "fp8_head"),
+             "output": ""} for s in ("baseline", "fp8_head") for t in ("qkit_passkey", "qkit_passkey_multi")
+            for n in (1024, 4096) for d in (0.0, 1.0)]
+    res = K.KVResult(pd.DataFrame(), pd.DataFrame(rows), {})
+    table = K.retrieval_table(res)
+    assert table.shape == (4, 4) and table.loc[("fp8_head", "qkit_passkey_multi"), (4096, 1.0)] == 100
+    assert table.loc[("baseline", "qkit_passkey"), (1024, 0.0)] == 0
+    fig = plots.kv_retrieval(table)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "baseline / qkit_passkey"
