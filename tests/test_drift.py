@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qkit import data, drift
+from qkit import cli, data, drift
 from qkit.errors import QkitError
 from qkit.models import _train_tokenizer
 from qkit.store import Store
@@ -99,9 +99,14 @@ def test_switch_alerts_after_it_and_not_before(tiny, served, switched_log, store
     assert {a["window"] for a in mon.alerts if a["scope"] == "all"} == {2, 3}
 
 
-def test_unchanged_log_gives_no_alert(tiny, served, prompts, store, tmp_path):
-    log = drift.replay(tiny, "fp8_dynamic", prompts, tmp_path / "same.jsonl", max_new_tokens=NEW_TOKENS, store=store)
-    mon = drift.monitor(drift.update(log, tiny, served, CONFIG, store).results, MONITOR)
+@pytest.fixture(scope="module")
+def unchanged_log(tiny, prompts, store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logs") / "same.jsonl"
+    return drift.replay(tiny, "fp8_dynamic", prompts, out, max_new_tokens=NEW_TOKENS, store=store)
+
+
+def test_unchanged_log_gives_no_alert(tiny, served, unchanged_log, store):
+    mon = drift.monitor(drift.update(unchanged_log, tiny, served, CONFIG, store).results, MONITOR)
     assert len(mon.windows) == 4 and mon.alerts == [], mon.alerts
     # Greedy fp8_dynamic serving: the named model's agreement and the served tokens' are one measure.
     assert np.allclose(mon.requests["top1"], mon.requests["served_top1"])
@@ -220,3 +225,53 @@ def test_change_tests_can_tell_noise_from_a_shift():
     assert drift.permutation_p(base, rng.exponential(0.05, 20), +1, 2000, 0) < 0.001
     assert drift.binomial_tail_p(1, 20, 0.05) == pytest.approx(1 - 0.95**20)
     assert drift.binomial_tail_p(8, 20, 0.05) < 1e-4
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_check_exits_1_on_the_switch_and_0_without(capsys, switched_log, unchanged_log, tmp_path):
+    check = ("drift", "check", "--reference", "tiny", "--quantized", "fp8_dynamic", "--window", WINDOW,
+             "--max-new-tokens", NEW_TOKENS)
+    code, out, err = run_cli(capsys, *check, "--log", switched_log, "--alerts", tmp_path / "alerts.json")
+    assert code == 1, err
+    table = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert ["ALERT" in line for line in table] == [False, False, True, True], out
+    assert "baseline" in table[0]
+    assert "ALERT window 2 (lines 33-48" in out
+    alerts = json.loads((tmp_path / "alerts.json").read_text())
+    assert {a["window"] for a in alerts["alerts"] if a["scope"] == "all"} == {2, 3}
+    assert alerts["quantized"] == "fp8_dynamic" and alerts["provenance"]["git_commit"]
+    code, out, err = run_cli(capsys, *check, "--log", unchanged_log)
+    assert code == 0 and "ALERT" not in out, out
+
+
+@pytest.mark.parametrize("case", ["missing log", "tiny window", "unknown method", "other tokenizer"])
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, case, tmp_path, damaged_dir, unchanged_log):
+    other = tmp_path / "other"
+    if case == "other tokenizer":
+        shutil.copytree(damaged_dir, other)
+        _train_tokenizer(["another corpus entirely"] * 20).save_pretrained(other)
+    argv = {"missing log": ["--log", tmp_path / "nope.jsonl", "--quantized", "fp8_dynamic"],
+            "tiny window": ["--log", unchanged_log, "--quantized", "fp8_dynamic", "--window", "1"],
+            "unknown method": ["--log", unchanged_log, "--quantized", "int3_magic"],
+            "other tokenizer": ["--log", unchanged_log, "--quantized", other]}[case]
+    code, out, err = run_cli(capsys, "drift", "check", "--reference", "tiny", *argv)
+    errors = [line for line in err.splitlines() if line.startswith("qkit: error: ")]
+    assert code == 2 and out == "" and len(errors) == 1 and "Fix: " in errors[0], err
+
+
+def test_cli_replay_writes_a_log(capsys, prompts, tmp_path):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:4]))
+    code, out, err = run_cli(capsys, "drift", "replay", "--model", "tiny", "--method", "fp8_dynamic", "--prompts", few,
+                             "--switch-to", "w4a16_rtn", "--switch-at", 3, "--max-new-tokens", 4, "--out",
+                             tmp_path / "log.jsonl")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert out.strip() == str(tmp_path / "log.jsonl")
+    assert [r["served_by"] for r in records] == ["fp8_dynamic"] * 3 + ["w4a16_rtn"]
+    assert all(len(r["completion_ids"]) <= 4 and isinstance(r["completion"], str) for r in records)
