@@ -266,23 +266,26 @@ class DriftConfig:
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
-             desc: str = "generating") -> list[tuple[str, list[int]]]:
+             desc: str = "generating", context: int | None = None) -> list[tuple[str, list[int]]]:
     """Greedy completions as (text, token ids), left-padded batches (as a server batches); each stops
-    before the end-of-text token."""
+    before the end-of-text token. With `context`, a prompt keeps only its last context − max_new_tokens
+    tokens, so that prompt and answer fit."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    fit = {"truncation": True, "max_length": max(1, context - max_new_tokens)} if context else {}
     out: list[tuple[str, list[int]]] = []
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
+            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True, **fit)
             with torch.inference_mode():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
                 ids = row[:row.index(eos)] if eos in row else row
                 out.append((tokenizer.decode(ids, skip_special_tokens=True), ids))
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     return out
 
 
@@ -331,11 +334,11 @@ def measure(reference: models.LoadedModel, quantized: Any, requests: Sequence[Re
     need = [r for r in requests if r.completion is None]
     made = dict(zip((r.line for r in need), generate(quantized, tok, [r.prompt for r in need],
                                                      config.max_new_tokens, config.batch_size,
-                                                     "quantized answers")))
+                                                     "quantized answers", max_length)))
     checkable = [r for r in requests if r.check]
     ref_answers = dict(zip((r.line for r in checkable), generate(reference.model, tok, [r.prompt for r in checkable],
                                                                  config.max_new_tokens, config.batch_size,
-                                                                 "reference answers")))
+                                                                 "reference answers", max_length)))
     encoded = []
     for r in requests:
         if r.completion is not None:
@@ -437,7 +440,7 @@ def update(log: str | Path, reference: models.LoadedModel, served: Served, confi
                           "from the beginning", stacklevel=2)
     chunk = read_log(log, state.offset, state.n_lines + 1)
     report_malformed(chunk.malformed, log)
-    state.malformed += [list(m) for m in chunk.malformed]
+    known, bad = state.malformed, [list(m) for m in chunk.malformed]
     state.meta = {"reference": reference.info["spec"], "reference_fingerprint": reference.info["fingerprint"],
                   "quantized": served.name, "quantized_identity": served.identity, "config": asdict(config),
                   "provenance": provenance.collect()}
@@ -449,9 +452,11 @@ def update(log: str | Path, reference: models.LoadedModel, served: Served, confi
         state.skipped_empty += len(part) - len(new)
         state.results += new
         state.offset, state.n_lines = chunk.ends[part[-1].line], part[-1].line
+        state.malformed = known + [m for m in bad if m[0] < state.n_lines]  # a resumed run reads the rest again
         state.head_sha256 = _head_digest(log, state.offset)
         write_json_atomic(path, asdict(state))
     state.offset, state.n_lines = chunk.end_offset, first_line - 1 + chunk.n_lines
+    state.malformed = known + bad
     state.head_sha256 = _head_digest(log, state.offset)
     write_json_atomic(path, asdict(state))
     if not state.results:
@@ -650,6 +655,20 @@ def worst(mon: Monitor, n: int = 5, by: str = "kld") -> pd.DataFrame:
     return mon.requests.sort_values(by, ascending=ascending).head(n)
 
 
+def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n: int = 5, by: str = "served_top1",
+                 max_new_tokens: int = 32) -> pd.DataFrame:
+    """The `n` worst requests by `by`: the served completion beside the reference's own greedy answer to
+    the same prompt (generated now, `max_new_tokens` long)."""
+    rows = worst(mon, n, by)
+    prompts = [json.loads(line)["prompt"] for line in _lines(Path(log), [int(x) for x in rows["line"]])]
+    answers = generate(reference.model, reference.tokenizer, prompts, max_new_tokens, desc="reference answers",
+                       context=reference.info["max_length"])
+    return pd.DataFrame({"line": rows["line"].to_numpy(), "tag": rows["tag"].to_numpy(),
+                         "window": rows["window"].to_numpy(), by: rows[by].round(3).to_numpy(),
+                         "kld": rows["kld"].to_numpy(), "prompt (end)": [p[-160:] for p in prompts],
+                         "served": rows["completion"].to_numpy(), "reference": [a for a, _ in answers]})
+
+
 # ---------------------------------------------------------------- replay
 
 
@@ -691,7 +710,7 @@ def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None
             continue
         served = load_served(reference, spec, store)
         answers = generate(served.model, reference.tokenizer, [r.prompt for r in part], max_new_tokens, batch_size,
-                           f"serving with {served.name}")
+                           f"serving with {served.name}", reference.info["max_length"])
         for r, (answer, ids) in zip(part, answers):
             rec = {k: v for k, v in raw[r.line].items() if k not in ("completion", "completion_ids")}
             rec.update(completion=answer, completion_ids=ids, served_by=served.name)

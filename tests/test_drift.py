@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import warnings
 
@@ -184,10 +185,13 @@ def test_log_without_usable_lines_is_an_error(tiny, served, store, tmp_path):
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, served):
     req = drift.Request(1, "word " * 400, " the end of it.")
-    with pytest.warns(UserWarning, match="cut from the left"):
-        (cut,) = drift.measure(tiny, served.model, [req], drift.DriftConfig(max_length=64))
+    unanswered = drift.Request(2, "word " * 400)  # answered by the quantized model within the 64 tokens
+    with pytest.warns(UserWarning, match="2 request.* cut from the left"):
+        cut, answered = drift.measure(tiny, served.model, [req, unanswered], drift.DriftConfig(max_length=64,
+                                                                                              max_new_tokens=8))
     (whole,) = drift.measure(tiny, served.model, [req], drift.DriftConfig())
     assert cut["truncated"] and not whole["truncated"] and cut["n_tokens"] == whole["n_tokens"]
+    assert answered["generated"] and 0 < answered["n_tokens"] <= 8
 
 
 def test_checkable_requests_are_scored_for_both_models(tiny, served):
@@ -275,3 +279,19 @@ def test_cli_replay_writes_a_log(capsys, prompts, tmp_path):
     assert out.strip() == str(tmp_path / "log.jsonl")
     assert [r["served_by"] for r in records] == ["fp8_dynamic"] * 3 + ["w4a16_rtn"]
     assert all(len(r["completion_ids"]) <= 4 and isinstance(r["completion"], str) for r in records)
+
+
+@pytest.mark.slow
+def test_drift_notebook_reports_windows_alerts_tags_and_flips(prompts, damaged_dir, tmp_path):
+    # Here rather than in test_notebooks.py: it reuses this module's prompts and damaged checkpoint.
+    from qkit.report import run_report
+
+    params = {"model": "tiny", "method": "fp8_dynamic", "switch_to": str(damaged_dir), "prompts": str(prompts),
+              "window": WINDOW, "max_new_tokens": NEW_TOKENS}
+    records = run_report(["05_drift_monitoring"], params, tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "05_drift_monitoring.html").read_text()
+    assert "ALERT window 2" in html and "ALERT window 1" not in html and "ALERT window 0" not in html
+    assert "served_top1" in html and "Why accuracy alone misses drift" in html and "flips" in html
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
+    assert "Traceback" not in html
