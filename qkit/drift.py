@@ -61,9 +61,7 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -80,7 +78,7 @@ from qkit import methods, models, provenance
 from qkit.errors import QkitError
 from qkit.evaluation import head_logits
 from qkit.metrics import token_stats
-from qkit.store import Store, write_json_atomic
+from qkit.store import Store, write_json_atomic, write_text_atomic
 from qkit.tasks import scoring
 
 DATAFILES = Path(__file__).resolve().parent / "datafiles"
@@ -551,10 +549,12 @@ def _compare(base: pd.DataFrame, win: pd.DataFrame, config: MonitorConfig, seed:
     out: dict[str, Any] = {"n": len(win)}
     for m in WORSE:
         out[m] = win[m].mean()
-    tail = float(np.quantile(base["kld"], config.tail_quantile))
+    # A tag absent from the baseline window has nothing to be compared with.
+    tail = float(np.quantile(base["kld"], config.tail_quantile)) if len(base) else math.nan
     past = int((win["kld"] > tail).sum())
-    out["tail_share"] = past / len(win)
-    out["kld_ratio"] = out["kld"] / base["kld"].mean() if base["kld"].mean() > 0 else math.inf
+    out["tail_share"] = past / len(win) if len(base) else math.nan
+    base_kld = base["kld"].mean() if len(base) else math.nan
+    out["kld_ratio"] = out["kld"] / base_kld if base_kld > 0 else (math.inf if base_kld == 0 else math.nan)
     checked = win[win["check"].notna()] if "check" in win else win.iloc[:0]
     if len(checked):
         out["acc_ref"], out["acc_quant"] = checked["correct_ref"].mean(), checked["correct_quant"].mean()
@@ -672,19 +672,6 @@ def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n
 # ---------------------------------------------------------------- replay
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None, out: str | Path, *,
            switch_to: str | None = None, switch_at: int | None = None, max_new_tokens: int = 32,
            batch_size: int = 8, store: Store | None = None) -> Path:
@@ -717,7 +704,21 @@ def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None
             rec.setdefault("timestamp", time.time())
             records.append(rec)
     out = Path(out)
-    _atomic_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return out
+
+
+def served_by(log: str | Path) -> dict[int, str]:
+    """Line number → what served it, for the lines of a replayed log that say so (a demo's ground truth)."""
+    out = {}
+    with open(check_log(log), encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("served_by"), str):
+                out[i] = rec["served_by"]
     return out
 
 

@@ -23,12 +23,7 @@ CONFIG = drift.DriftConfig(batch_size=8, max_new_tokens=NEW_TOKENS)
 MONITOR = drift.MonitorConfig(window=WINDOW)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +212,10 @@ def test_time_windows_and_their_errors():
     assert list(mon.windows["n"]) == [10, 10, 10] and mon.alerts == []
     with pytest.raises(QkitError, match="timestamp"):
         drift.monitor([{**r, "timestamp": None} for r in rows], drift.MonitorConfig(window="1h"))
+    # A tag first seen after the baseline window is shown, never compared.
+    late = [{**r, "tag": "new"} if r["line"] > 20 else r for r in rows]
+    tags = drift.monitor(late, drift.MonitorConfig(window=10)).tags
+    assert not tags["alert"].any() and tags.loc[tags["tag"] == "new", "kld_ratio"].isna().all()
     for bad in ("1", "ten", "0m"):
         with pytest.raises(QkitError):
             drift.MonitorConfig(window=bad)
