@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # The seed's rule-of-thumb reductions against BF16, shown beside what was measured.
 SEED_REDUCTION = {"FP8": 2.0, "INT8": 2.0, "INT4": 4.0, "NVFP4": 3.3}
@@ -230,6 +231,7 @@ def drift_windows(windows: pd.DataFrame, config: object) -> Figure:
         for x in w.loc[w["alert"], "window"]:
             ax.axvspan(x - 0.5, x + 0.5, color="tab:red", alpha=0.12)
         ax.set_xlabel("window")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
