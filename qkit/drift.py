@@ -672,13 +672,24 @@ def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n
 # ---------------------------------------------------------------- replay
 
 
-def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None, out: str | Path, *,
-           switch_to: str | None = None, switch_at: int | None = None, max_new_tokens: int = 32,
+def _serve_key(spec: str) -> Any:
+    """What identifies a method or model directory's answers, without loading it."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return models.fingerprint(str(path))
+    method = methods.get_method(spec)
+    return {"method": method.name, "recipe": methods.recipe_yaml(method)}
+
+
+def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None = None, out: str | Path | None = None,
+           *, switch_to: str | None = None, switch_at: int | None = None, max_new_tokens: int = 32,
            batch_size: int = 8, store: Store | None = None) -> Path:
     """Write a log as if `serve` (a method or model directory) had answered the prompts file (the log
     format, completions ignored); with `switch_to`, that one serves from request `switch_at` on (default:
     halfway), so a monitor can be tried on a known change. Greedy, `max_new_tokens` per answer. Without a
-    prompts file, qkit's sample prompts serve (SAMPLE_PROMPTS: arithmetic, prose, code, chat)."""
+    prompts file, qkit's sample prompts serve (SAMPLE_PROMPTS: arithmetic, prose, code, chat). Without
+    `out`, the log is kept in the store, keyed by everything that makes it, and a second call serves
+    nothing: a report rerun monitors the same log and finds its measures stored."""
     prompts = Path(prompts) if prompts is not None else SAMPLE_PROMPTS
     chunk = read_log(prompts)
     report_malformed(chunk.malformed, prompts)
@@ -688,24 +699,36 @@ def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None
     if switch_at is not None and switch_to is None:
         raise QkitError("switch_at was given without switch_to", "name the method to switch to (--switch-to)")
     at = len(reqs) if switch_to is None else (len(reqs) // 2 if switch_at is None else switch_at)
-    if not 0 < at <= len(reqs):
-        raise QkitError(f"switch_at {at} is outside the {len(reqs)} prompts", f"pass 1..{len(reqs) - 1}")
-    raw = {r.line: json.loads(line) for r, line in zip(reqs, _lines(prompts, [r.line for r in reqs]))}
-    records = []
-    for spec, part in ((serve, reqs[:at]), (switch_to, reqs[at:])):
-        if not part:
-            continue
-        served = load_served(reference, spec, store)
-        answers = generate(served.model, reference.tokenizer, [r.prompt for r in part], max_new_tokens, batch_size,
-                           f"serving with {served.name}", reference.info["max_length"])
-        for r, (answer, ids) in zip(part, answers):
-            rec = {k: v for k, v in raw[r.line].items() if k not in ("completion", "completion_ids")}
-            rec.update(completion=answer, completion_ids=ids, served_by=served.name)
-            rec.setdefault("timestamp", time.time())
-            records.append(rec)
-    out = Path(out)
-    write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return out
+    if switch_to is not None and not 0 < at < len(reqs):
+        raise QkitError(f"switch_at {at} leaves one side of the switch without requests ({len(reqs)} prompts)",
+                        f"pass --switch-at 1..{len(reqs) - 1}")
+
+    def serve_all() -> str:
+        raw = {r.line: json.loads(line) for r, line in zip(reqs, _lines(prompts, [r.line for r in reqs]))}
+        records = []
+        for spec, part in ((serve, reqs[:at]), (switch_to, reqs[at:])):
+            if not part:
+                continue
+            served = load_served(reference, spec, store)
+            answers = generate(served.model, reference.tokenizer, [r.prompt for r in part], max_new_tokens,
+                               batch_size, f"serving with {served.name}", reference.info["max_length"])
+            for r, (answer, ids) in zip(part, answers):
+                rec = {k: v for k, v in raw[r.line].items() if k not in ("completion", "completion_ids")}
+                rec.update(completion=answer, completion_ids=ids, served_by=served.name)
+                rec.setdefault("timestamp", time.time())
+                records.append(rec)
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+    if out is not None:
+        write_text_atomic(Path(out), serve_all())
+        return Path(out)
+    spec = {"reference": reference.info["fingerprint"], "serve": _serve_key(serve),
+            "switch_to": _serve_key(switch_to) if switch_to else None, "switch_at": at,
+            "prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size}  # left padding can move a greedy choice at a near tie
+    store = store or Store()
+    return store.get_dir("drift_replay", spec, lambda tmp: write_text_atomic(tmp / "log.jsonl", serve_all())) \
+        / "log.jsonl"
 
 
 def served_by(log: str | Path) -> dict[int, str]:

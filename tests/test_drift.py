@@ -294,3 +294,14 @@ def test_drift_notebook_reports_windows_alerts_tags_and_flips(prompts, damaged_d
     assert "served_top1" in html and "Why accuracy alone misses drift" in html and "flips" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
     assert "Traceback" not in html
+
+
+def test_replay_without_out_is_kept_in_the_store(tiny, prompts, store, tmp_path, monkeypatch):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:3]))
+    first = drift.replay(tiny, "fp8_dynamic", few, max_new_tokens=4, store=store)
+    assert first.is_relative_to(store.root) and len(first.read_text().splitlines()) == 3
+    monkeypatch.setattr(drift, "generate", lambda *a, **k: pytest.fail("served again"))
+    assert drift.replay(tiny, "fp8_dynamic", few, max_new_tokens=4, store=store) == first
+    with pytest.raises(QkitError, match="switch_at 3 leaves one side"):
+        drift.replay(tiny, "fp8_dynamic", few, switch_to="w4a16_rtn", switch_at=3, store=store)
