@@ -305,3 +305,12 @@ def test_replay_without_out_is_kept_in_the_store(tiny, prompts, store, tmp_path,
     assert drift.replay(tiny, "fp8_dynamic", few, max_new_tokens=4, store=store) == first
     with pytest.raises(QkitError, match="switch_at 3 leaves one side"):
         drift.replay(tiny, "fp8_dynamic", few, switch_to="w4a16_rtn", switch_at=3, store=store)
+
+
+def test_a_change_in_one_tag_alerts_for_that_tag():
+    rng = np.random.default_rng(0)
+    rows = [{"line": i + 1, "timestamp": None, "tag": "ab"[i % 2], "check": None, "top1": 0.95, "served_top1": 0.95,
+             "ref_logprob": -1.0, "kld": rng.exponential(0.01) * (5 if i >= 80 and i % 2 else 1)} for i in range(120)]
+    mon = drift.monitor(rows, drift.MonitorConfig(window=40))
+    assert {(a["tag"], a["window"]) for a in mon.alerts if a["scope"] == "tag"} == {("b", 2)}
+    assert any("mean KLD" in r for a in mon.alerts for r in a["reasons"])
