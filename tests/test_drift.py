@@ -314,3 +314,12 @@ def test_a_change_in_one_tag_alerts_for_that_tag():
     mon = drift.monitor(rows, drift.MonitorConfig(window=40))
     assert {(a["tag"], a["window"]) for a in mon.alerts if a["scope"] == "tag"} == {("b", 2)}
     assert any("mean KLD" in r for a in mon.alerts for r in a["reasons"])
+
+
+def test_sample_log_parses_and_its_code_request_is_checked_in_the_sandbox():
+    chunk = drift.read_log(drift.SAMPLE_LOG)
+    assert chunk.malformed == [] and [r.check for r in chunk.requests] == ["arithmetic", None, "humaneval", None]
+    code = chunk.requests[2]
+    assert drift._check(code, code.completion) == 1.0
+    assert drift._check(code, "    return a - b\n") == 0.0
+    assert len(drift.read_log(drift.SAMPLE_PROMPTS).requests) == 64
