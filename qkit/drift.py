@@ -8,14 +8,15 @@ mapped to these fields; `qkit/datafiles/drift_log_sample.jsonl` is a sample):
 - ``completion`` (string, optional): what the deployment answered. Without it, the quantized model named
   to the monitor generates one (greedy, ``DriftConfig.max_new_tokens``).
 - ``completion_ids`` (list of token ids, optional): the completion as the server's tokens. Text alone is
-  re-tokenized, which need not give the tokens the model chose (a run of "\n" tokens comes back as
-  "\n\n" tokens), so servers that can log the ids should; replay does.
+  re-tokenized, which need not give the tokens the model chose (a run of "\\n" tokens comes back as
+  "\\n\\n" tokens), so servers that can log the ids should; replay does.
 - ``timestamp`` (optional): seconds since the epoch, or an ISO 8601 string; needed for time windows.
 - ``tag`` (string, optional): task type, tenant or route, for the per-tag breakdown ("untagged" if absent).
-- ``check`` and ``answer`` (optional): a checkable request. ``check`` names the scorer of qkit's task
-  suite that decides correctness: ``arithmetic`` and ``passkey`` (first number of the answer equals
-  ``answer``), ``gsm8k`` (the final number equals ``answer``), ``humaneval`` (prompt + completion pass
-  the Python ``test`` of the record, with its ``entry_point``, run in qkit's sandbox).
+- ``check`` with ``answer``, or with ``test`` and ``entry_point`` (optional): a checkable request.
+  ``check`` names the scorer of qkit's task suite that decides correctness: ``arithmetic`` and
+  ``passkey`` (the first number of the answer equals ``answer``), ``gsm8k`` (the final number equals
+  ``answer``), ``humaneval`` (prompt + completion pass the record's Python ``test``, with its
+  ``entry_point``, run in qkit's sandbox).
 Other fields are kept out of the way (replay writes ``served_by``, the ground truth of a demo).
 
 Bad lines are reported with their line numbers and skipped, with a count; a log with no usable line is
@@ -29,7 +30,9 @@ forcing, right-padded batches) and, over the completion's tokens:
 - ``top1``: share of positions where the two models' most likely tokens agree (llama.cpp's "same top");
 - ``served_top1``: share of the served tokens that are the reference's most likely token; for a greedy
   deployment of the named model it equals ``top1``, and it is the one measure that sees the deployment
-  itself, whatever model actually served (a swapped or damaged checkpoint);
+  itself, whatever model actually served (a swapped or damaged checkpoint). On SmolLM2, a log whose
+  second half w4a16_rtn served, monitored as fp8_dynamic, kept its KLD (0.018-0.022 a window) while
+  this fell from 93% to 74-79%;
 - ``ref_logprob``: the mean log-probability the reference gives the served tokens;
 - ``correct_ref`` / ``correct_quant`` for checkable requests: the reference's own greedy answer and the
   served completion, scored by the request's check.
@@ -41,10 +44,12 @@ effect sizes: mean KLD at least 2x the baseline's; agreement (``top1`` or ``serv
 5 points; at least 15% of the window's requests past the baseline's 95th KLD percentile (5% expected).
 The reference's log-probability of the served tokens is shown but alerts only when given a threshold:
 it depends on the text as much as on the model (on `tiny`, prose and code openings differ by 0.5
-nats/token under one and the same deployment), so a change of traffic mix would read as drift. The change test for a mean is a one-sided
-permutation test of the window's requests against the baseline's: requests are the independent units,
-their KLDs are skewed and heavy-tailed (a t-test's normal approximation is poor at 10-50 requests), and
-the permutation test assumes nothing but exchangeability under no change. A CUSUM would flag a shift
+nats/token under one and the same deployment), so a change of traffic mix would read as drift.
+
+The change test for a mean is a one-sided permutation test of the window's requests against the
+baseline's: requests are the independent units, their KLDs are skewed and heavy-tailed (a t-test's
+normal approximation is poor at 10-50 requests), and the permutation test assumes nothing but
+exchangeability under no change. A CUSUM would flag a shift
 sooner, but it needs the in-control mean and spread known in advance and a tuned slack, and its alarm
 belongs to the whole history rather than to a window one can look at. The tail share is tested with an
 exact binomial test against the 5% expected. Each test runs at ``alpha`` = 0.01 without correction for
@@ -695,7 +700,8 @@ def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None
     report_malformed(chunk.malformed, prompts)
     reqs = chunk.requests
     if not reqs:
-        raise QkitError(f"the prompts file {prompts} holds no usable prompt", "one JSON object per line with a \"prompt\"")
+        raise QkitError(f"the prompts file {prompts} holds no usable prompt",
+                        "write one JSON object per line with a \"prompt\"")
     if switch_at is not None and switch_to is None:
         raise QkitError("switch_at was given without switch_to", "name the method to switch to (--switch-to)")
     at = len(reqs) if switch_to is None else (len(reqs) // 2 if switch_at is None else switch_at)
