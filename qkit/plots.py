@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # The seed's rule-of-thumb reductions against BF16, shown beside what was measured.
 SEED_REDUCTION = {"FP8": 2.0, "INT8": 2.0, "INT4": 4.0, "NVFP4": 3.3}
@@ -260,5 +261,39 @@ def kv_plan(plan: pd.DataFrame, batch: int | None = None) -> Figure:
                  + (f" on a {device:g} GB device" if device else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def drift_windows(windows: pd.DataFrame, config: object) -> Figure:
+    """The drift monitor's windows (`qkit.drift.monitor(...).windows`) against its thresholds: mean KLD
+    with the baseline times the alert ratio, the two agreements with the baseline minus the alert drop,
+    and the tail share with its alert level. Alerting windows are shaded."""
+    w = windows
+    base = w[w["baseline"]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (
+        (axes[0], [("kld", "mean KLD")], base["kld"].mean() * config.kld_ratio, "nats"),
+        (axes[1], [("top1", "top-1 agreement"), ("served_top1", "served tokens = reference top-1")],
+         None, "share"),
+        (axes[2], [("tail_share", "requests past baseline KLD p" + f"{100 * config.tail_quantile:.0f}")],
+         config.tail_share, "share"),
+    )
+    for ax, series, level, unit in panels:
+        for col, label in series:
+            ax.plot(w["window"], w[col], marker="o", label=label)
+            if col in ("top1", "served_top1"):
+                ax.axhline(base[col].mean() - config.agreement_drop, ls="--", lw=1,
+                           color=ax.lines[-1].get_color(), label=f"alert below ({col})")
+        if level is not None:
+            ax.axhline(level, ls="--", lw=1, color="tab:red", label="alert above")
+        for x in w.loc[w["alert"], "window"]:
+            ax.axvspan(x - 0.5, x + 0.5, color="tab:red", alpha=0.12)
+        ax.set_xlabel("window")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Drift per window (shaded: alert)")
     fig.tight_layout()
     return fig

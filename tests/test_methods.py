@@ -166,16 +166,6 @@ CALIB = CalibSpec("prose", n_samples=16, seq_len=128)
 
 
 @pytest.fixture(scope="module")
-def one_torch_thread():
-    # On this shared 2-core box, oneshot ran up to 8x faster with one torch thread than with two while
-    # other processes were busy (AWQ on a 2-layer model: 37 s -> 4.4 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def eval_ids(tiny):
     return data.eval_tokens("prose", tiny.tokenizer, n_tokens=4 * 256).view(4, 256)
 
