@@ -246,3 +246,18 @@ def checklist(advice: Advice) -> list[str]:
          "run `qkit evaluate` (KLD, perplexity, top-1) and `qkit sensitivity` (arithmetic, code, long context)"),
     ]
     return [f"[{i}] {q}\n    {a}" for i, (q, a) in enumerate(items, 1)]
+
+
+def device_table() -> pd.DataFrame:
+    """The hardware table with each chip's native kernels and the seed's recommendation for it."""
+    import pandas as pd
+
+    rows = []
+    for d in devices().values():
+        rule = recommend(d)
+        rows.append({"device": d.name, "generation": d.generation,
+                     "compute capability": f"{d.capability[0]}.{d.capability[1]}" if d.capability else "-",
+                     "memory GB": d.memory_gb if d.memory_gb else "-",
+                     **{k: "yes" if v else "no" for k, v in d.kernels.items()},
+                     "recommended": rule.precision, "alternative": rule.alternative})
+    return pd.DataFrame(rows).set_index("device")

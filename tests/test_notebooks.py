@@ -53,3 +53,17 @@ def test_calibration_notebook_reports_matrix_curves_and_cost(tmp_path):
     assert "seed-to-seed" in html and "**fp8_static**" not in html and "<strong>fp8_static</strong>" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 5
     assert "Traceback" not in html
+
+
+@pytest.mark.slow
+def test_choose_a_method_notebook_reports_recommendation_memory_and_checklist(tmp_path):
+    records = run_report(["00_choose_a_method"], {"gpu": "A100", "model": "llama-3.1-70b", "context": 32768},
+                         tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "00_choose_a_method.html").read_text()
+    assert "Recommended: int4" in html and "Marlin" in html
+    assert "room for KV GB" in html and "KV GB, fp8" in html  # memory table and KV plan
+    assert "Should you quantize" in html and "[6]" in html
+    assert ">RTX 4090<" in html  # the hardware table
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
+    assert "Traceback" not in html
