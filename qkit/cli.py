@@ -51,11 +51,11 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from qkit.methods import METHODS
+    from qkit.methods import STUDY_METHODS
 
     _print_table(("method", "format", "bits", "group", "calibration", "runs natively on"),
                  [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", m.group_size or "-",
-                   "yes" if m.needs_calibration else "no", m.native_hardware) for m in METHODS.values()])
+                   "yes" if m.needs_calibration else "no", m.native_hardware) for m in STUDY_METHODS.values()])
     return 0
 
 

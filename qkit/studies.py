@@ -80,7 +80,7 @@ def methods_study(model: str = models.DEFAULT_MODEL, method_names: Sequence[str]
     step sits in the store, so a rerun resumes where this one stopped.
     """
     store = store or Store()
-    names = list(method_names or methods.METHODS)
+    names = list(method_names or methods.STUDY_METHODS)
     for name in names:
         methods.get_method(name)  # fail on a typo before spending minutes on the first methods
     loaded = models.resolve_model(model, store=store)
@@ -103,7 +103,7 @@ def methods_table(method_names: Sequence[str] | None = None) -> pd.DataFrame:
     rows = [{"method": m.name, "what it is": m.title, "weights": m.weight_format,
              "bits (W/A)": f"{m.weight_bits}/{m.act_bits or 16}", "group": m.group_size or "-",
              "calibration": "yes" if m.needs_calibration else "no", "runs natively on": str(m.native_hardware)}
-            for m in (methods.get_method(n) for n in (method_names or methods.METHODS))]
+            for m in (methods.get_method(n) for n in (method_names or methods.STUDY_METHODS))]
     return pd.DataFrame(rows).set_index("method")
 
 

@@ -23,6 +23,15 @@ def test_recommendation_per_generation(gpu, precision, method):
     assert rule.precision == precision and method in rule.methods
 
 
+def test_every_recommended_method_is_in_the_registry():
+    from qkit.methods import get_method
+
+    for rule in hardware.rules():
+        for name in rule.methods:
+            get_method(name)
+        assert rule.precision in memory.WEIGHT_BITS and rule.alternative in memory.WEIGHT_BITS
+
+
 def test_native_kernels_follow_the_capability_thresholds():
     a100, l4, b200 = (hardware.get_device(n) for n in ("A100", "L4", "B200"))
     assert a100.kernels == {"FP8": False, "INT8": True, "Marlin INT4": True, "FP4": False}

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from qkit.methods import METHODS
+from qkit.methods import STUDY_METHODS
 from qkit.report import run_report
 
 SMALL = {"model": "tiny", "samples": 16, "seq_len": 128, "eval_tokens": 2048, "ctx": 256}
@@ -16,7 +16,7 @@ def test_methods_notebook_reports_every_method_with_table_and_figures(tmp_path):
     assert [r["status"] for r in records] == ["ok"], records[0].get("error")
     html = (tmp_path / "02_quantization_methods.html").read_text()
     assert "KLD mean" in html and "× smaller than BF16" in html  # the results table
-    for name in METHODS:
+    for name in STUDY_METHODS:
         assert f">{name}<" in html, name
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 5
     assert "def " not in html  # code hidden
