@@ -1,20 +1,26 @@
-"""The GGUF edge path: write a float checkpoint as a llama.cpp GGUF file with the `gguf` PyPI package,
-and read it back through transformers' GGUF loader for evaluation.
+"""The GGUF edge path: write a float checkpoint as a llama.cpp GGUF file from PyPI packages only, and
+read it back through transformers' GGUF loader for evaluation.
 
-Only what the `gguf` package can *quantize* in Python is offered: F16, Q8_0 and the legacy 4/5-bit
-block types (Q4_0, Q4_1, Q5_0, Q5_1). The k-quants (Q4_K, Q5_K, Q6_K, so also Q4_K_M, which mixes Q4_K
-with Q6_K) and the i-quants are dequantize-only there (`gguf.quants.quantize` raises
-NotImplementedError); making them needs llama.cpp's `llama-quantize`, which no PyPI package installs
-without building llama.cpp from source. Reading back through transformers dequantizes every tensor to
-float, so an evaluation measures the format's numerics, not llama.cpp's kernels.
+Blocks come from the `gguf` package's quantizers (F16, Q8_0, Q5_0/Q5_1, Q4_0/Q4_1). That package can
+read the k-quants but not write them (`gguf.quants.quantize` raises NotImplementedError for Q4_K, Q6_K,
+...), so qkit writes Q4_K and Q6_K blocks with GPTQModel's numpy k-quant packer, which is enough for
+Q4_K_M. Its scales and minimums are each sub-block's plain min/max, where llama.cpp's llama-quantize
+searches them (make_qkx2_quants): qkit's Q4_K_M errs somewhat more than llama.cpp's would. Reading back
+through transformers dequantizes every tensor to float, so an evaluation measures the format's
+numerics, not llama.cpp's kernels.
 
-Layout follows llama.cpp's convert_hf_to_gguf.py for the Llama architecture: its tensor names, Q and K
-rows permuted to llama.cpp's RoPE layout (transformers undoes that when loading), 1-D tensors (norms) in
-F32, and a GPT-2-style BPE vocabulary from tokenizer.json.
+Layout follows llama.cpp's convert_hf_to_gguf.py for the Llama architecture (tensor names, Q and K rows
+permuted to its RoPE layout, which transformers undoes, 1-D tensors in F32, a GPT-2-style BPE vocabulary)
+and each tensor's type follows llama-quantize's rules (llama_tensor_get_type): the output projection, or
+the token embeddings when they are tied to it, at Q6_K (Q8_0 for a Q8_0 file, or where its rows are not
+whole blocks); for Q4_K_M also attn_v and ffn_down at Q6_K in the layers `use_more_bits` picks; a row
+length that is not whole blocks of the chosen type falls back as there (Q4_K -> Q5_0, Q6_K -> Q8_0,
+then F16).
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,51 +41,87 @@ GGUF_FILE = "model.gguf"
 
 
 @dataclass(frozen=True)
-class GGUFType:
+class BlockType:
+    """A tensor type qkit can write."""
     name: str  # llama.cpp's name, also gguf.GGMLQuantizationType's
-    bits: float  # bits per weight, block scales included
+    bits: float  # bits per weight, block scales included (gguf.constants.GGML_QUANT_SIZES)
+    block: int  # weights per block; a row must be whole blocks
     layout: str
+    packer: str = "gguf"  # who writes the blocks: the gguf package, or GPTQModel's k-quant packer
 
 
-# Bits from the block layouts in gguf.constants.GGML_QUANT_SIZES (bytes per block x 8 / weights per block).
-TYPES: dict[str, GGUFType] = {t.name: t for t in (
-    GGUFType("F16", 16.0, "IEEE half precision"),
-    GGUFType("Q8_0", 8.5, "blocks of 32: int8 values, one FP16 scale (absmax / 127)"),
-    GGUFType("Q5_1", 6.0, "blocks of 32: 5-bit values, FP16 scale and minimum"),
-    GGUFType("Q5_0", 5.5, "blocks of 32: 5-bit values, one FP16 scale"),
-    GGUFType("Q4_1", 5.0, "blocks of 32: 4-bit values, FP16 scale and minimum"),
-    GGUFType("Q4_0", 4.5, "blocks of 32: 4-bit values, one FP16 scale"),
+BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("F16", 16.0, 1, "IEEE half precision"),
+    BlockType("Q8_0", 8.5, 32, "blocks of 32: int8 values, one FP16 scale (absmax / 127)"),
+    BlockType("Q6_K", 6.5625, 256, "super-blocks of 256: 6-bit values, an int8 scale per 16, FP16 super-scale",
+              packer="gptqmodel"),
+    BlockType("Q5_1", 6.0, 32, "blocks of 32: 5-bit values, FP16 scale and minimum"),
+    BlockType("Q5_0", 5.5, 32, "blocks of 32: 5-bit values, one FP16 scale"),
+    BlockType("Q4_1", 5.0, 32, "blocks of 32: 4-bit values, FP16 scale and minimum"),
+    BlockType("Q4_0", 4.5, 32, "blocks of 32: 4-bit values, one FP16 scale"),
+    BlockType("Q4_K", 4.5, 256, "super-blocks of 256: 4-bit values, 6-bit scale and minimum per 32, FP16 "
+                                "super-scales", packer="gptqmodel"),
 )}
 
-# llama.cpp stores the output projection (here the tied token embeddings) at Q6_K when quantizing to the
-# legacy types; gguf cannot write Q6_K, so it stays at Q8_0, the nearest type it can write.
-EMBED_TYPE = "Q8_0"
+# The file types qkit exports: llama-quantize's names, each with the block type most tensors get.
+FILE_TYPES: dict[str, str] = {"F16": "F16", "Q8_0": "Q8_0", "Q5_1": "Q5_1", "Q5_0": "Q5_0", "Q4_1": "Q4_1",
+                              "Q4_0": "Q4_0", "Q4_K_M": "Q4_K"}
+# llama-quantize's replacement for a type whose blocks do not divide a tensor's rows.
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 
 _ARCHITECTURES = {"llama": "LLAMA"}  # model_type -> gguf.MODEL_ARCH member; what the exporter maps
 
 
-def check_type(name: str) -> GGUFType:
-    """The writable GGUF type called `name` (case-insensitive), or a QkitError saying why not."""
-    from gguf import GGMLQuantizationType
-
+def check_type(name: str) -> str:
+    """The file type called `name` (case-insensitive), or a QkitError saying why it cannot be written."""
     key = name.upper()
-    if key in TYPES:
-        return TYPES[key]
-    known = key in GGMLQuantizationType.__members__ or key.rsplit("_", 1)[0] in GGMLQuantizationType.__members__
-    why = ("the gguf package can read it but not quantize to it (its Python quantizers cover only "
-           "F16, BF16, Q8_0 and the legacy 4/5-bit types; the k- and i-quants need llama.cpp's "
-           "llama-quantize, which installs from no PyPI package without a source build)") if known else \
-        "it is not a GGUF tensor type"
-    raise QkitError(f"cannot export GGUF type {name!r}: {why}", f"use one of {', '.join(TYPES)}")
+    if key in FILE_TYPES:
+        return key
+    raise QkitError(f"cannot export GGUF type {name!r}: the gguf package quantizes only F16, BF16, Q8_0 and "
+                    "the legacy 4/5-bit types, GPTQModel's packer adds Q4_K and Q6_K blocks (enough for "
+                    "Q4_K_M), and the other k- and i-quant mixes need llama.cpp's llama-quantize, which no "
+                    "PyPI package installs without a source build",
+                    f"use one of {', '.join(FILE_TYPES)}")
 
 
-def _tensor_type(name: str, array: np.ndarray, qtype: GGUFType) -> str:
-    if array.ndim == 1:
-        return "F32"  # norms: llama.cpp keeps them in F32
-    if qtype.name != "F16" and name in ("token_embd.weight", "output.weight"):
-        return EMBED_TYPE
-    # a row that is not whole blocks of 32 cannot be block-quantized; llama.cpp falls back the same way
-    return qtype.name if qtype.name == "F16" or array.shape[-1] % 32 == 0 else "F16"
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama-quantize's choice of layers that get more bits in the _M mixes: the first and last eighth and
+    every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int, tied: bool) -> str:
+    """The block type llama-quantize would give tensor `name` (GGUF naming) in a `file_type` file."""
+    if len(shape) == 1:
+        return "F32"
+    base = FILE_TYPES[file_type]
+    if base == "F16":
+        return "F16"
+    layer = int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", name)) else -1
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        chosen = "Q8_0" if base == "Q8_0" or shape[-1] % BLOCK_TYPES[base].block else "Q6_K"
+    elif file_type == "Q4_K_M" and name.endswith(("attn_v.weight", "ffn_down.weight")) \
+            and _use_more_bits(layer, n_layers):
+        chosen = "Q6_K"
+    else:
+        chosen = base
+    chosen = FALLBACK.get(chosen, chosen) if shape[-1] % BLOCK_TYPES[chosen].block else chosen
+    return chosen if shape[-1] % BLOCK_TYPES[chosen].block == 0 else "F16"
+
+
+def _quantize(array: np.ndarray, block_type: str) -> np.ndarray:
+    import gguf
+
+    if BLOCK_TYPES.get(block_type, BLOCK_TYPES["F16"]).packer == "gguf":
+        return gguf.quants.quantize(array, gguf.GGMLQuantizationType[block_type])
+    try:
+        from gptqmodel.nn_modules.qlinear import gguf as packer
+    except ImportError:
+        raise QkitError(f"writing {block_type} blocks needs GPTQModel's k-quant packer, and gptqmodel is not "
+                        "installed", "run scripts/setup.sh (it installs gptqmodel==7.6.0), or export Q8_0, "
+                        "which needs only the gguf package") from None
+    pack = {"Q4_K": packer._gguf_quantize_q4_k, "Q6_K": packer._gguf_quantize_q6_k}[block_type]
+    return pack(array.reshape(-1, BLOCK_TYPES[block_type].block)).reshape(array.shape[0], -1)
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -117,10 +159,9 @@ def export(src: str | Path, out_file: str | Path, qtype: str) -> dict:
     """Write the float checkpoint in `src` (config.json, safetensors, tokenizer.json) as a GGUF file of
     type `qtype`. Returns what was written: tensor types, and the tensors kept at another type."""
     import gguf
-    import numpy as np
     from safetensors import safe_open
 
-    t = check_type(qtype)
+    file_type = check_type(qtype)
     src, out_file = Path(src), Path(out_file)
     config = json.loads((src / "config.json").read_text())
     arch = _ARCHITECTURES.get(config.get("model_type", ""))
@@ -144,16 +185,16 @@ def export(src: str | Path, out_file: str | Path, qtype: str) -> dict:
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{t.name}"])
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{file_type}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_vocab(writer, src, config["vocab_size"])
 
-    written: Counter[str] = Counter()
-    kept: dict[str, str] = {}
+    types: dict[str, str] = {}
+    tied = bool(config.get("tie_word_embeddings"))
     for file in sorted(src.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for hf_name in f.keys():
-                if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                if hf_name == "lm_head.weight" and tied:
                     continue  # the tied copy of token_embd
                 name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if name is None:
@@ -164,17 +205,14 @@ def export(src: str | Path, out_file: str | Path, qtype: str) -> dict:
                     array = _permute(array, heads)
                 elif name.endswith("attn_k.weight"):
                     array = _permute(array, kv_heads)
-                ttype = _tensor_type(name, array, t)
-                if ttype not in ("F32", t.name):
-                    kept[name] = ttype
-                qt = gguf.GGMLQuantizationType[ttype]
-                writer.add_tensor(name, gguf.quants.quantize(array, qt), raw_dtype=qt)
-                written[ttype] += 1
+                types[name] = tensor_type(name, array.shape, file_type, layers, tied)
+                writer.add_tensor(name, _quantize(array, types[name]),
+                                  raw_dtype=gguf.GGMLQuantizationType[types[name]])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"tensor_types": dict(written), "kept_at_other_type": kept}
+    return {"tensor_types": dict(Counter(types.values())), "types_by_tensor": types}
 
 
 def build(loaded: models.LoadedModel, method: Method, calib: Any, out: Path) -> dict:

@@ -245,21 +245,22 @@ _KV_METHODS = (
 BACKENDS = {"gguf": "qkit.gguf_export"}
 
 
-def _gguf_method(qtype: str) -> Method:
-    from qkit.gguf_export import TYPES
+def _gguf_method(file_type: str) -> Method:
+    from qkit.gguf_export import BLOCK_TYPES, FILE_TYPES
 
-    t = TYPES[qtype]
     return Method(
-        name=f"gguf_{qtype.lower()}", title=f"GGUF {qtype} (llama.cpp)",
-        description=f"llama.cpp's {qtype}: {t.layout}, on every Linear and the tied embeddings (those at "
-                    "Q8_0), written with the gguf package and read back dequantized by transformers, so the "
-                    "numbers are the format's, not llama.cpp's kernels'.",
-        recipe=({"gguf": {"type": qtype}},), weight_bits=int(qtype[1]), act_bits=None, group_size=32,
-        needs_calibration=False, native_hardware=LLAMA_CPP, expected_format=f"gguf-{qtype.lower()}",
+        name=f"gguf_{file_type.lower()}", title=f"GGUF {file_type} (llama.cpp)",
+        description=f"llama.cpp's {file_type}: most Linear weights in {BLOCK_TYPES[FILE_TYPES[file_type]].layout}; "
+                    "the tied embeddings (and, in Q4_K_M, some attn_v and ffn_down layers) get more bits, as "
+                    "llama-quantize chooses. Written from PyPI packages and read back dequantized by "
+                    "transformers: the format's numerics, not llama.cpp's kernels.",
+        recipe=({"gguf": {"type": file_type}},), weight_bits=int(file_type[1]), act_bits=None, group_size=32,
+        needs_calibration=False, native_hardware=LLAMA_CPP, expected_format=f"gguf-{file_type.lower()}",
         ignore=(), backend="gguf")
 
 
-_BACKEND_METHODS = tuple(_gguf_method(t) for t in ("Q8_0", "Q5_0", "Q4_1", "Q4_0"))
+# Not Q4_1: the default model reaches qkit as a Q4_1 GGUF, which Q4_1 would reproduce almost losslessly.
+_BACKEND_METHODS = tuple(_gguf_method(t) for t in ("Q8_0", "Q5_0", "Q4_0", "Q4_K_M"))
 
 # The weight methods, which the methods study runs by default, and the KV-cache methods of the KV study.
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}

@@ -37,6 +37,7 @@ def test_names_and_shapes_round_trip(tiny, exported):
     reader = gguf.GGUFReader(d / gguf_export.GGUF_FILE)
     assert {t.name for t in reader.tensors} == expected
     assert info["tensor_types"] == {"Q8_0": 29, "F32": 9}  # 28 Linear + embeddings; 9 norms
+    assert set(info["types_by_tensor"]) == expected
 
 
 def test_f16_round_trip_is_fp16_rounding_and_keeps_the_logits(tiny, exported):
@@ -76,12 +77,46 @@ def test_tokenizer_round_trips(tiny, exported):
 
 
 def test_types_that_cannot_be_exported_say_why():
-    with pytest.raises(QkitError, match="Q4_K_M.*not quantize.*llama-quantize") as err:
-        gguf_export.check_type("Q4_K_M")
-    assert "Q8_0" in err.value.fix and "Q4_0" in err.value.fix
-    with pytest.raises(QkitError, match="not a GGUF tensor type"):
-        gguf_export.check_type("Q9_9")
-    assert gguf_export.check_type("q8_0").bits == 8.5
+    with pytest.raises(QkitError, match="Q5_K_M.*llama-quantize") as err:
+        gguf_export.check_type("Q5_K_M")
+    assert "Q8_0" in err.value.fix and "Q4_K_M" in err.value.fix
+    with pytest.raises(QkitError, match="IQ4_XS"):
+        gguf_export.check_type("IQ4_XS")
+    assert gguf_export.check_type("q4_k_m") == "Q4_K_M"
+
+
+def test_tensor_types_follow_llama_quantize():
+    # Q4_K_M on a 4-layer model: use_more_bits picks layers 2 and 3 (every third after the first eighth,
+    # and the last eighth) for attn_v and ffn_down; the tied embeddings are the output, at Q6_K.
+    def kind(name, shape=(256, 256)):
+        return gguf_export.tensor_type(name, shape, "Q4_K_M", 4, tied=True)
+
+    assert [kind(f"blk.{i}.attn_v.weight") for i in range(4)] == ["Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    assert [kind(f"blk.{i}.ffn_down.weight") for i in range(4)] == ["Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    assert kind("blk.0.attn_q.weight") == "Q4_K" and kind("token_embd.weight") == "Q6_K"
+    assert kind("blk.0.attn_norm.weight", (256,)) == "F32"
+    # SmolLM2's 576-wide rows are not whole 256-blocks: Q4_K falls back to Q5_0, Q6_K to Q8_0
+    assert kind("blk.5.attn_q.weight", (576, 576)) == "Q5_0"
+    assert kind("token_embd.weight", (49152, 576)) == "Q8_0"
+    assert gguf_export.tensor_type("blk.0.ffn_down.weight", (576, 1536), "Q4_K_M", 30, True) == "Q6_K"
+    # legacy types: the output at Q6_K, except in a Q8_0 file; untied embeddings keep the file's type
+    assert gguf_export.tensor_type("output.weight", (256, 256), "Q4_0", 4, False) == "Q6_K"
+    assert gguf_export.tensor_type("output.weight", (256, 256), "Q8_0", 4, False) == "Q8_0"
+    assert gguf_export.tensor_type("token_embd.weight", (256, 256), "Q4_0", 4, False) == "Q4_0"
+    assert gguf_export.tensor_type("blk.0.attn_q.weight", (256, 48), "Q4_0", 4, False) == "F16"
+
+
+def test_k_quant_blocks_read_back_through_the_gguf_dequantizer():
+    # Q4_K blocks come from GPTQModel's packer and are read by the gguf package's dequantizer, written
+    # independently: a layout mismatch would give garbage, far beyond one quantization step per sub-block.
+    import gguf
+
+    x = np.random.default_rng(0).standard_t(3, (64, 512)).astype(np.float32)
+    back = gguf.quants.dequantize(gguf_export._quantize(x, "Q4_K"), gguf.GGMLQuantizationType.Q4_K)
+    sub = x.reshape(-1, 32)
+    step = (sub.max(axis=1) - np.minimum(sub.min(axis=1), 0)) / 15
+    ratio = np.abs(back.reshape(-1, 32) - sub).max(axis=1) / step
+    assert ratio.max() <= 1.0 and ratio.mean() > 0.25
 
 
 def test_non_llama_model_is_refused(tmp_path):
@@ -90,18 +125,24 @@ def test_non_llama_model_is_refused(tmp_path):
         gguf_export.export(tmp_path, tmp_path / "m.gguf", "Q8_0")
 
 
-def test_gguf_method_quantizes_caches_and_reloads(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, uniform", [("gguf_q4_0", True), ("gguf_q4_k_m", False)])
+def test_gguf_method_quantizes_caches_and_reloads(tiny, tmp_path, monkeypatch, name, uniform):
     store = Store(tmp_path)
-    ckpt = methods.quantize(tiny, "gguf_q4_0", store=store)
-    assert ckpt.meta["backend"] == "gguf" and ckpt.meta["format"] == "gguf-q4_0"
-    assert ckpt.meta["kept_at_other_type"] == {"token_embd.weight": "Q8_0"}
-    assert ckpt.size_bytes == (ckpt.path / gguf_export.GGUF_FILE).stat().st_size
-    # 28 Linear layers at 4.5 bits, embeddings at 8.5, norms at 16 (as if BF16), plus the header
-    linear = sum(m.weight.numel() for n, m in tiny.model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
-    embed = tiny.model.model.embed_tokens.weight.numel()
-    expected = linear * 4.5 / 8 + embed * 8.5 / 8
-    assert expected < ckpt.bf16_run_bytes < expected + 200_000
+    ckpt = methods.quantize(tiny, name, store=store)
+    file_type = name.removeprefix("gguf_").upper()
+    assert ckpt.meta["backend"] == "gguf" and ckpt.meta["format"] == f"gguf-{file_type.lower()}"
+    types = ckpt.meta["types_by_tensor"]
+    assert types["token_embd.weight"] == "Q6_K"  # tied: the output projection
+    # Bytes: each tensor at its type's bits (norms at 16, as if BF16), plus the header and vocabulary
+    weights = {n: p for n, p in tiny.model.state_dict().items() if n != "lm_head.weight"}
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, tiny.model.config.num_hidden_layers)
+    expected = sum(p.numel() * (16 if p.dim() == 1 else gguf_export.BLOCK_TYPES[
+        types[names.get_name(n, try_suffixes=(".weight",))]].bits) / 8 for n, p in weights.items())
+    assert expected < ckpt.bf16_run_bytes < expected + 100_000
+    if uniform:  # every layer tensor at the file type; Q4_K_M mixes in Q6_K
+        assert {t for n, t in types.items() if "blk." in n and not n.endswith("norm.weight")} == {"Q4_0"}
     model = methods.load_quantized(ckpt)
     ids = tiny.tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -111,4 +152,4 @@ def test_gguf_method_quantizes_caches_and_reloads(tiny, tmp_path, monkeypatch):
     assert not model.training
 
     monkeypatch.setattr(gguf_export, "export", lambda *a, **k: pytest.fail("export ran on a cache hit"))
-    assert methods.quantize(tiny, "gguf_q4_0", store=store).path == ckpt.path
+    assert methods.quantize(tiny, name, store=store).path == ckpt.path
