@@ -114,12 +114,9 @@ def _quantize(array: np.ndarray, block_type: str) -> np.ndarray:
 
     if BLOCK_TYPES.get(block_type, BLOCK_TYPES["F16"]).packer == "gguf":
         return gguf.quants.quantize(array, gguf.GGMLQuantizationType[block_type])
-    try:
-        from gptqmodel.nn_modules.qlinear import gguf as packer
-    except ImportError:
-        raise QkitError(f"writing {block_type} blocks needs GPTQModel's k-quant packer, and gptqmodel is not "
-                        "installed", "run scripts/setup.sh (it installs gptqmodel==7.6.0), or export Q8_0, "
-                        "which needs only the gguf package") from None
+    from qkit.gptqmodel_backend import import_gptqmodel
+
+    packer = import_gptqmodel("gptqmodel.nn_modules.qlinear.gguf", f"writing GGUF {block_type} blocks")
     pack = {"Q4_K": packer._gguf_quantize_q4_k, "Q6_K": packer._gguf_quantize_q6_k}[block_type]
     return pack(array.reshape(-1, BLOCK_TYPES[block_type].block)).reshape(array.shape[0], -1)
 

@@ -87,7 +87,7 @@ class Method:
     @property
     def weight_format(self) -> str:
         """The weights' number format in the words of the seed's hardware table."""
-        return {"float-quantized": "FP8", "int-quantized": "INT8", "pack-quantized": "INT4",
+        return {"float-quantized": "FP8", "int-quantized": "INT8", "pack-quantized": "INT4", "gptq": "INT4",
                 "nvfp4-pack-quantized": "NVFP4"}.get(self.expected_format, self.expected_format.upper())
 
 
@@ -242,7 +242,7 @@ _KV_METHODS = (
 
 # Backends other than llm-compressor, each a module with build(loaded, method, calib, out) -> manifest meta
 # and load(path, dtype) -> model; imported only when one of their methods runs.
-BACKENDS = {"gguf": "qkit.gguf_export"}
+BACKENDS = {"gguf": "qkit.gguf_export", "gptqmodel": "qkit.gptqmodel_backend"}
 
 
 def _gguf_method(file_type: str) -> Method:
@@ -260,7 +260,21 @@ def _gguf_method(file_type: str) -> Method:
 
 
 # Not Q4_1: the default model reaches qkit as a Q4_1 GGUF, which Q4_1 would reproduce almost losslessly.
-_BACKEND_METHODS = tuple(_gguf_method(t) for t in ("Q8_0", "Q5_0", "Q4_0", "Q4_K_M"))
+_BACKEND_METHODS = (
+    Method(
+        name="w4a16_gptq_gptqmodel",
+        title="INT4 W4A16, GPTQ by GPTQModel",
+        description="w4a16_gptq's format, group size and calibration rows, quantized by GPTQModel instead of "
+                    "llm-compressor and saved in GPTQModel's GPTQ checkpoint format.",
+        # damp_percent 0.01 is llm-compressor's GPTQ dampening_frac (GPTQModel's default is 0.05); GPTQModel
+        # orders columns with its default group-aware reordering, llm-compressor with actorder "static".
+        recipe=({"GPTQModel": {"bits": 4, "group_size": INT4_GROUP, "sym": True, "desc_act": False,
+                               "damp_percent": 0.01}},),
+        weight_bits=4, act_bits=None, group_size=INT4_GROUP, needs_calibration=True,
+        native_hardware=INT4_GPUS, expected_format="gptq", backend="gptqmodel",
+    ),
+    *(_gguf_method(t) for t in ("Q8_0", "Q5_0", "Q4_0", "Q4_K_M")),
+)
 
 # The weight methods, which the methods study runs by default, and the KV-cache methods of the KV study.
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
