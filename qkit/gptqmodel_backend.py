@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
 import time
 from pathlib import Path
@@ -74,5 +75,7 @@ def load(path: str | Path, dtype: torch.dtype | str = "float32") -> PreTrainedMo
     except ImportError:
         raise QkitError("transformers needs optimum to load a GPTQModel checkpoint", "pip install optimum==2.3.0"
                         ) from None
-    return models.load_pretrained(path, dtype=dtype)
+    # its log lines ("Converting GPTQ v1 to v2", kernel choice) would land in a notebook's output
+    with contextlib.redirect_stdout(io.StringIO()):
+        return models.load_pretrained(path, dtype=dtype)
 
