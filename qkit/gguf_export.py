@@ -16,6 +16,9 @@ the token embeddings when they are tied to it, at Q6_K (Q8_0 for a Q8_0 file, or
 whole blocks); for Q4_K_M also attn_v and ffn_down at Q6_K in the layers `use_more_bits` picks; a row
 length that is not whole blocks of the chosen type falls back as there (Q4_K -> Q5_0, Q6_K -> Q8_0,
 then F16).
+
+What does not round-trip (transformers 5.17 reading it back): `rms_norm_eps` returns as its float32 value,
+and the pad token and `architectures` are dropped; weights at F16 and the token ids do round-trip.
 """
 from __future__ import annotations
 
