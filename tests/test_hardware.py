@@ -113,3 +113,23 @@ def test_cli_advise(capsys):
     assert "bf16         16           140.0" in out and "Should you quantize?" in out
     assert cli.main(["advise", "--gpu", "V100"]) == 2
     assert "unknown GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda_name, capability, row, precision", [
+    ("NVIDIA H100 80GB HBM3", (9, 0), "Hopper", "fp8"),
+    ("NVIDIA L40S", (8, 9), "Ada", "fp8"),          # not the L4 row
+    ("NVIDIA A100-SXM4-40GB", (8, 0), "Ampere", "int4"),
+    ("Tesla T4", (7, 5), "unknown", "bf16"),        # not in the table: capability decides
+])
+def test_detect_a_cuda_gpu_through_torch(monkeypatch, cuda_name, capability, row, precision):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: cuda_name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: types.SimpleNamespace(total_memory=40e9))
+    device = hardware.detect()
+    assert (device.name, device.capability, device.generation) == (cuda_name, capability, row)
+    assert device.memory_gb == pytest.approx(40) and hardware.recommend(device).precision == precision
