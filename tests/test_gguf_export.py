@@ -131,6 +131,7 @@ def test_gguf_method_quantizes_caches_and_reloads(tiny, tmp_path, monkeypatch, n
     ckpt = methods.quantize(tiny, name, store=store)
     file_type = name.removeprefix("gguf_").upper()
     assert ckpt.meta["backend"] == "gguf" and ckpt.meta["format"] == f"gguf-{file_type.lower()}"
+    assert ckpt.meta["peak_rss_bytes"] >= ckpt.meta["rss_growth_bytes"] >= 0
     types = ckpt.meta["types_by_tensor"]
     assert types["token_embd.weight"] == "Q6_K"  # tied: the output projection
     # Bytes: each tensor at its type's bits (norms at 16, as if BF16), plus the header and vocabulary

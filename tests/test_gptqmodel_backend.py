@@ -61,7 +61,8 @@ def test_gptqmodel_quantizes_tiny_and_reloads_through_qkit(tiny, tmp_path, monke
     assert expected <= ckpt.bf16_run_bytes <= 1.15 * expected
 
     model = methods.load_quantized(ckpt)
-    ids = tiny.tokenizer("The king's daughter went to the market, and the price of bread", return_tensors="pt").input_ids
+    text = "The king's daughter went to the market, and the price of bread"
+    ids = tiny.tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
         base = tiny.model(ids, labels=ids).loss.item()
