@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 CPU_WORKERS = "2"
 LOG = "gptqmodel.log"
+LAYER_LOGS = "gptqmodel_layers"
 
 
 def import_gptqmodel(module: str = "gptqmodel", purpose: str = "the GPTQModel backend") -> ModuleType:
@@ -49,8 +51,12 @@ def build(loaded: models.LoadedModel, method: methods.Method, calib: data.CalibS
                                                     tokenizer=loaded.tokenizer)]
     # fp32 as for llm-compressor (GPTQModel's CPU default is bf16); no disk offload for a model in RAM
     config = gptqmodel.QuantizeConfig(**settings, offload_to_disk=False)
-    # GPTQModel prints its progress and whole configs to stdout: into the checkpoint's log, as oneshot's
-    with open(out / LOG, "w") as log, contextlib.redirect_stdout(log):
+    loop_processor = import_gptqmodel("gptqmodel.looper.loop_processor")
+    # GPTQModel prints its progress and whole configs to stdout, and writes per-layer statistics to
+    # ./logs of whatever the working directory is: both go into the checkpoint, as oneshot's log does.
+    # patch.object raises AttributeError if a later GPTQModel renames the folder constant.
+    with open(out / LOG, "w") as log, contextlib.redirect_stdout(log), \
+            mock.patch.object(loop_processor, "_PROJECT_LOG_DIR", out / LAYER_LOGS):
         model = gptqmodel.GPTQModel.load(str(loaded.path), config, dtype=torch.float32, device="cpu")
         started = time.perf_counter()
         with methods._rss_sampler() as rss:

@@ -48,12 +48,14 @@ def test_missing_gptqmodel_says_how_to_install(monkeypatch):
 @pytest.mark.slow
 def test_gptqmodel_quantizes_tiny_and_reloads_through_qkit(tiny, tmp_path, monkeypatch):
     torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)  # GPTQModel would write ./logs here; qkit must keep it in the checkpoint
     store = Store(tmp_path)
     ckpt = methods.quantize(tiny, "w4a16_gptq_gptqmodel", calib=CALIB, store=store)
     assert ckpt.meta["backend"] == "gptqmodel" and ckpt.meta["format"] == "gptq"
     config = json.loads((ckpt.path / "config.json").read_text())["quantization_config"]
     assert (config["bits"], config["group_size"], config["sym"]) == (4, methods.INT4_GROUP, True)
     assert (ckpt.path / gptqmodel_backend.LOG).stat().st_size > 0
+    assert list((ckpt.path / gptqmodel_backend.LAYER_LOGS).glob("gptq_log_*.log"))
     assert Store.manifest(ckpt.path)["spec"]["calibration"]["n_samples"] == 16
     linear = sum(m.weight.numel() for n, m in tiny.model.named_modules()
                  if isinstance(m, torch.nn.Linear) and n != "lm_head")
@@ -68,5 +70,6 @@ def test_gptqmodel_quantizes_tiny_and_reloads_through_qkit(tiny, tmp_path, monke
         base = tiny.model(ids, labels=ids).loss.item()
     assert math.isfinite(loss) and loss != base and abs(loss - base) < 0.5
 
+    assert not (tmp_path / "logs").exists()
     monkeypatch.setattr(gptqmodel_backend, "build", lambda *a: pytest.fail("GPTQModel ran on a cache hit"))
     assert methods.quantize(tiny, "w4a16_gptq_gptqmodel", calib=CALIB, store=store).path == ckpt.path
