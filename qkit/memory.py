@@ -25,6 +25,11 @@ WEIGHT_BITS: dict[str, float] = {
     "int8": 8.0,
     "int4": 4.0 + 16 / 128,  # W4A16, group 128, BF16 scale
     "nvfp4": 4.0 + 8 / 16,   # E2M1 values, E4M3 scale per 16
+    # GGUF blocks: Q8_0 stores 32 int8 values and one FP16 scale (34 bytes per 32 weights). Q4_K_M mixes
+    # Q4_K super-blocks (4.5 bits) with Q6_K (6.5625) for attn_v and half of ffn_down; llama.cpp's quantize
+    # table gives about 4.85 bits for Llama models, which is an average, not an exact figure.
+    "gguf_q8_0": 8.5,
+    "gguf_q4_k_m": 4.85,
 }
 
 

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import importlib
 import json
 import os
 import resource
@@ -50,9 +51,12 @@ IGNORE = ("lm_head",)
 class Hardware:
     """Where a format runs on its own kernels rather than being dequantized first."""
     gpus: str
-    min_capability: tuple[int, int]  # CUDA compute capability, comparable with torch.cuda.get_device_capability()
+    # CUDA compute capability, comparable with torch.cuda.get_device_capability(); None: not an NVIDIA format
+    min_capability: tuple[int, int] | None
 
     def __str__(self) -> str:
+        if self.min_capability is None:
+            return self.gpus
         return f"NVIDIA {self.gpus} (compute capability >= {self.min_capability[0]}.{self.min_capability[1]})"
 
 
@@ -60,6 +64,7 @@ FP8_GPUS = Hardware("Ada, Hopper, Blackwell: FP8 tensor cores", (8, 9))
 INT4_GPUS = Hardware("Ampere and newer: Marlin INT4 kernels", (8, 0))
 INT8_GPUS = Hardware("Ampere and newer: INT8 tensor cores", (8, 0))
 FP4_GPUS = Hardware("Blackwell: FP4 tensor cores", (10, 0))
+LLAMA_CPP = Hardware("CPUs, Apple Silicon and edge devices (llama.cpp)", None)
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,13 @@ class Method:
     reload_dtype: str = "float32"
     ignore: tuple[str, ...] = IGNORE
     kv_bits: int | None = None  # None: the KV cache stays in the model's float dtype
+    backend: str = "llmcompressor"  # or a key of BACKENDS
 
     @property
     def weight_format(self) -> str:
         """The weights' number format in the words of the seed's hardware table."""
-        return {"float-quantized": "FP8", "int-quantized": "INT8", "pack-quantized": "INT4",
-                "nvfp4-pack-quantized": "NVFP4"}[self.expected_format]
+        return {"float-quantized": "FP8", "int-quantized": "INT8", "pack-quantized": "INT4", "gptq": "INT4",
+                "nvfp4-pack-quantized": "NVFP4"}.get(self.expected_format, self.expected_format.upper())
 
 
 def _quantize_step(modifier: str, scheme: str) -> dict[str, dict[str, Any]]:
@@ -234,20 +240,61 @@ _KV_METHODS = (
     ),
 )
 
+# Backends other than llm-compressor, each a module with build(loaded, method, calib, out) -> manifest meta
+# and load(path, dtype) -> model; imported only when one of their methods runs.
+BACKENDS = {"gguf": "qkit.gguf_export", "gptqmodel": "qkit.gptqmodel_backend"}
+
+
+def _gguf_method(file_type: str) -> Method:
+    from qkit.gguf_export import BLOCK_TYPES, FILE_TYPES
+
+    return Method(
+        name=f"gguf_{file_type.lower()}", title=f"GGUF {file_type} (llama.cpp)",
+        description=f"llama.cpp's {file_type}: most Linear weights in {BLOCK_TYPES[FILE_TYPES[file_type]].layout}; "
+                    "the tied embeddings (and, in Q4_K_M, some attn_v and ffn_down layers) get more bits, as "
+                    "llama-quantize chooses. Written from PyPI packages and read back dequantized by "
+                    "transformers: the format's numerics, not llama.cpp's kernels.",
+        recipe=({"gguf": {"type": file_type}},), weight_bits=int(file_type[1]), act_bits=None, group_size=32,
+        needs_calibration=False, native_hardware=LLAMA_CPP, expected_format=f"gguf-{file_type.lower()}",
+        ignore=(), backend="gguf")
+
+
+# Not Q4_1: the default model reaches qkit as a Q4_1 GGUF, which Q4_1 would reproduce almost losslessly.
+_BACKEND_METHODS = (
+    Method(
+        name="w4a16_gptq_gptqmodel",
+        title="INT4 W4A16, GPTQ by GPTQModel",
+        description="w4a16_gptq's format, group size and calibration rows, quantized by GPTQModel instead of "
+                    "llm-compressor and saved in GPTQModel's GPTQ checkpoint format.",
+        # damp_percent 0.01 is llm-compressor's GPTQ dampening_frac (GPTQModel's default is 0.05); GPTQModel
+        # orders columns with its default group-aware reordering, llm-compressor with actorder "static".
+        recipe=({"GPTQModel": {"bits": 4, "group_size": INT4_GROUP, "sym": True, "desc_act": False,
+                               "damp_percent": 0.01}},),
+        weight_bits=4, act_bits=None, group_size=INT4_GROUP, needs_calibration=True,
+        native_hardware=INT4_GPUS, expected_format="gptq", backend="gptqmodel",
+    ),
+    *(_gguf_method(t) for t in ("Q8_0", "Q5_0", "Q4_0", "Q4_K_M")),
+)
+
 # The weight methods, which the methods study runs by default, and the KV-cache methods of the KV study.
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 KV_METHODS: dict[str, Method] = {m.name: m for m in _KV_METHODS}
+# Weight methods of the other backends; the methods study runs these too (STUDY_METHODS).
+BACKEND_METHODS: dict[str, Method] = {m.name: m for m in _BACKEND_METHODS}
+STUDY_METHODS: dict[str, Method] = METHODS | BACKEND_METHODS
 
 # A checkpoint on disk names its format, not its method; every method of one format reloads alike.
-RELOAD_DTYPES: dict[str, str] = {m.expected_format: m.reload_dtype for m in _METHODS + _KV_METHODS}
+RELOAD_DTYPES: dict[str, str] = {m.expected_format: m.reload_dtype
+                                  for m in _METHODS + _KV_METHODS + _BACKEND_METHODS}
 
 
 def get_method(name: str) -> Method:
     try:
-        return METHODS.get(name) or KV_METHODS[name]
+        return METHODS.get(name) or BACKEND_METHODS.get(name) or KV_METHODS[name]
     except KeyError:
         raise QkitError(f"unknown quantization method {name!r}",
-                        f"use one of {', '.join(METHODS | KV_METHODS)} (`qkit methods` describes them)") from None
+                        f"use one of {', '.join(STUDY_METHODS | KV_METHODS)} (`qkit methods` describes them)"
+                        ) from None
 
 
 def recipe_yaml(method: Method) -> str:
@@ -296,6 +343,8 @@ def quantize(loaded: models.LoadedModel, method: Method | str, *, calib: CalibSp
     spec = checkpoint_spec(loaded, method, calib)
 
     def build(tmp: Path) -> dict:
+        if method.backend in BACKENDS:
+            return _backend(method).build(loaded, method, calib, tmp)
         return _build_checkpoint(loaded, method, calib, tmp)
 
     path = store.get_dir("checkpoint", spec, build)
@@ -350,8 +399,24 @@ def load_quantized(checkpoint: Checkpoint | str | Path, *,
     """Reload a compressed-tensors checkpoint on CPU for evaluation, in eval mode, in its format's reload
     dtype (bfloat16 for NVFP4, float32 otherwise) unless `dtype` says otherwise."""
     path = Path(checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint)
+    backend = _saved_backend(path)
+    if backend in BACKENDS:
+        return _backend(backend).load(path, dtype=dtype or "float32")
     fmt = saved_format(path)
     return models.load_pretrained(path, dtype=dtype or RELOAD_DTYPES.get(fmt, "float32"))
+
+
+def _backend(method: Method | str) -> Any:
+    return importlib.import_module(BACKENDS[method.backend if isinstance(method, Method) else method])
+
+
+def _saved_backend(path: Path) -> str:
+    """The backend that built a store checkpoint, from its manifest (llm-compressor for older entries and
+    for directories from elsewhere)."""
+    try:
+        return Store.manifest(path)["meta"].get("backend", "llmcompressor")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "llmcompressor"
 
 
 def saved_format(path: Path) -> str:

@@ -297,3 +297,24 @@ def drift_windows(windows: pd.DataFrame, config: object) -> Figure:
     fig.suptitle("Drift per window (shaded: alert)")
     fig.tight_layout()
     return fig
+
+
+def memory_plan(table: pd.DataFrame, device_gb: float | None = None, title: str = "") -> Figure:
+    """Weights and KV cache per precision (a hardware.memory_table) as stacked bars, with the device's
+    memory as a line: a bar past the line does not fit."""
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(table) + 1.5))
+    y = np.arange(len(table))
+    ax.barh(y, table["weights GB"], color="tab:blue", label="weights")
+    kv = table["KV cache GB"].astype(float).fillna(0.0)
+    if kv.any():
+        ax.barh(y, kv, left=table["weights GB"], color="tab:orange", label="KV cache (BF16)")
+    if device_gb:
+        ax.axvline(device_gb, color="black", linestyle="--", label=f"device memory {device_gb:.0f} GB")
+    ax.set_yticks(y, table.index)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB")
+    ax.set_title(title or "Memory per weight precision")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

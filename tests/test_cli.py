@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 import torch
 
 from qkit import cli, tasks as tasks_mod
-from qkit.methods import METHODS
+from qkit.methods import STUDY_METHODS
 from qkit.store import Store
 
 
@@ -22,7 +22,7 @@ def test_methods_lists_every_method(capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["method", "format"]
-    assert [line.split()[0] for line in lines[1:]] == list(METHODS)
+    assert [line.split()[0] for line in lines[1:]] == list(STUDY_METHODS)
 
 
 def _remote_code_dir(tmp_path: Path) -> Path:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from qkit.methods import METHODS
+from qkit.methods import STUDY_METHODS
 from qkit.report import run_report
 
 SMALL = {"model": "tiny", "samples": 16, "seq_len": 128, "eval_tokens": 2048, "ctx": 256}
@@ -16,7 +16,7 @@ def test_methods_notebook_reports_every_method_with_table_and_figures(tmp_path):
     assert [r["status"] for r in records] == ["ok"], records[0].get("error")
     html = (tmp_path / "02_quantization_methods.html").read_text()
     assert "KLD mean" in html and "× smaller than BF16" in html  # the results table
-    for name in METHODS:
+    for name in STUDY_METHODS:
         assert f">{name}<" in html, name
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 5
     assert "def " not in html  # code hidden
@@ -66,3 +66,17 @@ def test_kv_cache_notebook_reports_position_quality_retrieval_and_planner(tmp_pa
     assert "per-tensor against per-head scales" in html and "passkey retrieval" in html
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 3
     assert "Traceback" not in html and "False" not in html  # every planned size matched the measured one
+
+
+@pytest.mark.slow
+def test_choose_a_method_notebook_reports_recommendation_memory_and_checklist(tmp_path):
+    records = run_report(["00_choose_a_method"], {"gpu": "A100", "model": "llama-3.1-70b", "context": 32768},
+                         tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "00_choose_a_method.html").read_text()
+    assert "Recommended: int4" in html and "Marlin" in html
+    assert "room for KV GB" in html and "KV GB, fp8" in html  # memory table and KV plan
+    assert "Should you quantize" in html and "[6]" in html
+    assert ">RTX 4090<" in html  # the hardware table
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 1
+    assert "Traceback" not in html
