@@ -358,7 +358,8 @@ class Profile:
 
 
 PROFILES = {
-    # ~10 minutes on SmolLM2 with 2 CPU cores: two 4K-token documents, four schemes, passkey at 1K-4K.
+    # Two 4K-token documents, four schemes, passkey at 1K and 4K. Meant for ~10 minutes on SmolLM2 with 2
+    # idle cores; with one thread on cores shared by three jobs it took 40 min (passkey at 4K: ~45 s an item).
     "quick": Profile("quick", ("fp8_tensor", "fp8_head", "fp8_unit", "hqq_int4"), n_tokens=4096, n_docs=2,
                      chunk=512, context_lengths=(1024, 4096), depths=(0.0, 0.5, 1.0)),
     # The model's full context (8K for SmolLM2), every scheme, more documents and depths.
