@@ -177,7 +177,8 @@ class Grid:
 
 
 PROFILES = {
-    # GPTQ and AWQ, tiny sets, two seeds, sized to ~15 minutes on SmolLM2 with 2 CPU cores and 2 workers.
+    # GPTQ and AWQ, tiny sets, two seeds. Cold on SmolLM2 with 2 idle cores and 2 workers: 16 min 49 s
+    # (oneshot 10.3 min of it; the rest loading, saving, evaluating).
     # Measured per run there (one thread): GPTQ ~50 s whatever the set's size (a per-column loop over 30
     # layers); AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128). So the
     # curves step down from the center, where they are cheap; `full` steps up.
