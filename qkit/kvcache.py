@@ -30,7 +30,6 @@ class CacheFormat:
     bits: float
     group: int | None = None  # elements per scale + zero point; None: no per-group metadata
     meta_bytes: int = 2  # bytes of each scale and each zero point (the model's compute dtype)
-    note: str = ""
 
     def bytes_per_element(self) -> float:
         return self.bits / 8 + (2 * self.meta_bytes / self.group if self.group else 0.0)
@@ -41,9 +40,9 @@ class CacheFormat:
 # vector, BF16 scale and zero on a GPU).
 FORMATS: dict[str, CacheFormat] = {
     "bf16": CacheFormat("bf16", 16),
-    "fp8": CacheFormat("fp8", 8, note="vLLM kv_cache_dtype=fp8; per-tensor or per-head scales"),
-    "int8": CacheFormat("int8", 8, group=64, note="transformers QuantizedCache, HQQ backend"),
-    "int4": CacheFormat("int4", 4, group=64, note="transformers QuantizedCache, HQQ or quanto backend"),
+    "fp8": CacheFormat("fp8", 8),  # vLLM kv_cache_dtype=fp8, per-tensor or per-head scales
+    "int8": CacheFormat("int8", 8, group=64),  # transformers QuantizedCache, HQQ backend
+    "int4": CacheFormat("int4", 4, group=64),  # transformers QuantizedCache, HQQ or quanto backend
 }
 
 
