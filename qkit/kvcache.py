@@ -557,3 +557,14 @@ def retrieval_table(res: KVResult):
     index = ["scheme", "task"] if r["task"].nunique() > 1 else ["scheme"]
     return (100 * r.pivot_table(index=index, columns=["length", "depth"], values="score", aggfunc="mean",
                                 sort=False)).round(0)
+
+
+def provenance(res: KVResult):
+    """Where the result came from: model, documents, calibration, commit, hardware, library versions."""
+    import pandas as pd
+
+    prov = res.meta["provenance"]
+    return pd.Series({"model": res.meta["model"]["spec"], "profile": res.meta["profile"],
+                      "documents": f"{res.meta['n_docs']} x {res.meta['n_tokens']} tokens of held-out prose",
+                      "calibration": str(res.meta["calibration"]), "git commit": prov["git_commit"],
+                      "hardware": str(prov["hardware"]), **prov["libraries"]}).to_frame("value")
