@@ -183,7 +183,7 @@ PROFILES = {
     # layers); AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128). So the
     # curves step down from the center, where they are cheap; `full` steps up.
     "quick": Grid(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code"),
-                  samples=(2, 4), seq_lens=(64, 128), seeds=(0, 1), center=(4, 128), eval_tokens=1024),
+                  samples=(2, 4), seq_lens=(64, 128), seeds=(0, 1), center=(4, 128), eval_tokens=512, ctx=256),
     # The grid: for a GPU or a long night.
     "full": Grid(methods=("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static"),
                  sources=("prose", "chat", "code", "random", "mixed"), samples=(8, 32, 128, 512),

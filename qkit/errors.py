@@ -17,6 +17,9 @@ class QkitError(Exception):
         self.problem = problem
         self.fix = fix
 
+    def __reduce__(self):  # so that an error raised in a worker process reaches the parent intact
+        return type(self), (self.problem, self.fix)
+
 
 def lookup(table: Mapping[str, T], key: str, what: str) -> T:
     """``table[key]``, or a QkitError that names the `what` asked for and lists the choices."""

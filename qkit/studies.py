@@ -21,6 +21,9 @@ CI_BOOT = 1000
 
 def _ci(values: Sequence[float], paired_with: Sequence[float] | None = None, seed: int = 0
         ) -> tuple[float, float, float]:
+    if len(values) < 2:  # one chunk: the estimate stands, its spread is unknown
+        diff = np.asarray(values, float) - (0.0 if paired_with is None else np.asarray(paired_with, float))
+        return float(diff.mean()), math.nan, math.nan
     return metrics.bootstrap_ci(np.asarray(values), n_boot=CI_BOOT, seed=seed,
                                 paired_with=None if paired_with is None else np.asarray(paired_with))
 
