@@ -177,8 +177,8 @@ class Grid:
 
 
 PROFILES = {
-    # GPTQ and AWQ, tiny sets, two seeds. Cold on SmolLM2 with 2 idle cores and 2 workers: 16 min 49 s
-    # (oneshot 10.3 min of it; the rest loading, saving, evaluating).
+    # GPTQ and AWQ, tiny sets, two seeds, 512 held-out tokens per domain. Cold on SmolLM2 with 2 idle cores
+    # and 2 workers: 14 min 11 s, of which oneshot ~10 min and evaluation ~4 s a domain per checkpoint.
     # Measured per run there (one thread): GPTQ ~50 s whatever the set's size (a per-column loop over 30
     # layers); AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128). So the
     # curves step down from the center, where they are cheap; `full` steps up.

@@ -358,7 +358,7 @@ class Profile:
 
 PROFILES = {
     # Two 4K-token documents, four schemes, passkey at 1K and 2K (a 4K passkey item costs as much as a
-    # scheme's whole position pass, and there are 15 of them). Sized for <= 10 min on SmolLM2, 2 idle cores.
+    # scheme's whole position pass, and there are 15 of them). Cold on SmolLM2 with 2 idle cores: 9 min 36 s.
     "quick": Profile("quick", ("fp8_tensor", "fp8_head", "fp8_unit", "hqq_int4"), n_tokens=4096, n_docs=2,
                      chunk=512, context_lengths=(1024, 2048), depths=(0.0, 0.5, 1.0)),
     # The model's full context (8K for SmolLM2), every scheme, more documents and depths.

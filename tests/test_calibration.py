@@ -140,3 +140,14 @@ def test_parallel_sweep_fills_the_cache_the_serial_one_reads(tiny, tmp_path, mon
     monkeypatch.setattr(studies, "compare", lambda *a, **k: pytest.fail("evaluated again"))
     again = C.sweep("tiny", GRID, store=store, workers=2)  # nothing missing: no worker starts
     assert again["kld_mean"].equals(df["kld_mean"])
+
+
+def test_a_workers_error_reaches_the_parent_with_its_fix() -> None:
+    import pickle
+
+    from qkit.errors import QkitError
+
+    # The pool pickles a worker's exception; an error that cannot be rebuilt breaks the whole pool instead.
+    err = pickle.loads(pickle.dumps(QkitError("too few chunks", "raise n_tokens")))
+    assert isinstance(err, QkitError) and (err.problem, err.fix) == ("too few chunks", "raise n_tokens")
+    assert str(err) == "too few chunks. Fix: raise n_tokens"

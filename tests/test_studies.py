@@ -47,3 +47,16 @@ def test_results_table_and_methods_table(rows):
     assert list(table.index) == ["fp8_dynamic", "w4a16_rtn"]
     assert "KLD mean" in table.columns and "error" not in table.columns
     assert set(studies.methods_table().index) >= {"fp8_dynamic", "nvfp4"}
+
+
+def test_one_chunk_gives_the_estimates_without_a_ci(tiny) -> None:
+    import math
+
+    from qkit import evaluation, methods
+
+    spec = EvalSpec(n_tokens=256, ctx=256)
+    r = studies.evaluate_method(tiny, "fp8_dynamic", eval_spec=spec)
+    direct = evaluation.compare(methods.load_quantized(methods.quantize(tiny, "fp8_dynamic")), tiny, spec)
+    assert r["kld_mean"] == pytest.approx(direct["chunk_kld"][0])
+    assert r["delta_nll"] == pytest.approx(direct["chunk_nll"][0] - direct["chunk_nll_base"][0])
+    assert all(math.isnan(r[f"{m}_{end}"]) for m in ("kld_mean", "top1_pct", "delta_nll") for end in ("low", "high"))
