@@ -170,17 +170,18 @@ def calibration_curves(df: pd.DataFrame, method: str | None = None, metric: str 
 
 
 def calibration_cost(df: pd.DataFrame) -> Figure:
-    """Calibration time and peak memory against calibration tokens (samples x length), per method."""
+    """Calibration time and the memory oneshot added against calibration tokens (samples x length), per
+    method. Added, not peak: a worker's peak also holds what its earlier cells left to the allocator."""
     from qkit import calibration
 
     cost = calibration.cost_table(df)
     cost["tokens"] = cost["n_samples"] * cost["seq_len"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for m, g in cost.groupby("method", sort=False):
-        g = g.groupby("tokens")[["quant_seconds", "peak_rss_mb"]].mean().reset_index()
+        g = g.groupby("tokens")[["quant_seconds", "rss_growth_mb"]].mean().reset_index()
         axes[0].plot(g["tokens"], g["quant_seconds"], marker="o", label=m)
-        axes[1].plot(g["tokens"], g["peak_rss_mb"], marker="o", label=m)
-    for ax, label in zip(axes, ("quantization time (s)", "peak resident memory (MB)")):
+        axes[1].plot(g["tokens"], g["rss_growth_mb"], marker="o", label=m)
+    for ax, label in zip(axes, ("quantization time (s)", "memory added by oneshot (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration tokens (samples × length, log scale)")
         ax.set_ylabel(label)
