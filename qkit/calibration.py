@@ -418,7 +418,7 @@ def explorer(df):
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    from qkit import plots
+    from qkit import plots, report
 
     method = widgets.Dropdown(options=list(dict.fromkeys(df["method"])), description="method")
     metric = widgets.Dropdown(options=[(v, k) for k, v in METRICS.items()], description="metric")
@@ -429,7 +429,7 @@ def explorer(df):
         display(plots.calibration_curves(df, method, metric, domain))
         plt.close("all")
 
-    return widgets.interactive(show, method=method, metric=metric, domain=domain)
+    return report.panel(show, method=method, metric=metric, domain=domain)
 
 
 def provenance(df):

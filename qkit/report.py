@@ -73,6 +73,22 @@ def quiet() -> None:
     notebook.tqdm_notebook.__init__ = partialmethod(notebook.tqdm_notebook.__init__, disable=True)
 
 
+def panel(show: Any, **controls: Any) -> Any:
+    """An ipywidgets panel that reruns ``show(**values)`` whenever one of `controls` changes, for JupyterLab.
+
+    Under `qkit report` it is a note instead: the HTML cannot run it, and a widget cell in a papermill run
+    sometimes never gets its execute_reply (jupyter/nbclient#312), which once left a report waiting forever.
+    """
+    if os.environ.get(REPORT_ENV) == "1":
+        from IPython.display import Markdown
+
+        return Markdown("*The interactive panel runs when this notebook is opened in JupyterLab; the "
+                        "figures above are its default view.*")
+    import ipywidgets as widgets
+
+    return widgets.interactive(show, **controls)
+
+
 def run_report(notebooks: list[str | Path] | None = None, params: dict | None = None,
                out_dir: str | Path = "reports", *, notebooks_dir: str | Path | None = None,
                kernel_name: str | None = None, timeout: int | None = None) -> list[dict]:

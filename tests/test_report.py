@@ -142,3 +142,19 @@ def test_quiet_does_nothing_interactively(monkeypatch):
     quiet()
     assert warnings.filters == filters
     assert "TQDM_DISABLE" not in os.environ
+
+
+def test_panel_is_a_widget_in_jupyterlab_and_a_note_in_a_report(monkeypatch):
+    import ipywidgets as widgets
+
+    from qkit.report import panel
+
+    seen = []
+    monkeypatch.delenv("QKIT_REPORT", raising=False)
+    w = panel(lambda n: seen.append(n), n=widgets.IntSlider(value=3, min=0, max=9))
+    assert isinstance(w, widgets.interactive) and seen == [3]  # drawn once with the defaults
+    w.children[0].value = 5
+    assert seen == [3, 5]
+    monkeypatch.setenv("QKIT_REPORT", "1")
+    note = panel(lambda n: seen.append(n), n=widgets.IntSlider(value=3))
+    assert "JupyterLab" in note.data and seen == [3, 5]  # no widget, nothing run
