@@ -196,8 +196,9 @@ def segment_histograms(diagnostics: dict) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     longest = max(max(d.segment_lengths) for d in diagnostics.values())
     bins = np.unique(np.geomspace(1, longest, 30).round())
-    for name, d in diagnostics.items():
-        ax.hist(d.segment_lengths, bins=bins, histtype="step", lw=1.5, label=f"{name} ({len(d.segment_lengths)})")
+    # Side by side in each bin: outlines of sets whose pieces all have one length would cover each other.
+    ax.hist([d.segment_lengths for d in diagnostics.values()], bins=bins,
+            label=[f"{name} ({len(d.segment_lengths)})" for name, d in diagnostics.items()])
     ax.set_xscale("log")
     ax.set_xlabel("tokens per document piece (log scale)")
     ax.set_ylabel("pieces")

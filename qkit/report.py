@@ -82,8 +82,8 @@ def panel(show: Any, **controls: Any) -> Any:
     if os.environ.get(REPORT_ENV) == "1":
         from IPython.display import Markdown
 
-        return Markdown("*The interactive panel runs when this notebook is opened in JupyterLab; the "
-                        "figures above are its default view.*")
+        return Markdown("*The interactive panel runs when this notebook is opened in JupyterLab; this report "
+                        "shows its default view above.*")
     import ipywidgets as widgets
 
     return widgets.interactive(show, **controls)
