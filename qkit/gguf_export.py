@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,19 +217,16 @@ def export(src: str | Path, out_file: str | Path, qtype: str) -> dict:
 def build(loaded: models.LoadedModel, method: Method, calib: Any, out: Path) -> dict:
     """The store builder for a GGUF method (calibration-free: `calib` is None): export `loaded`'s float
     checkpoint and keep its tokenizer files beside it, since qkit evaluates with the baseline's tokenizer."""
-    from qkit.methods import _rss_sampler
+    from qkit.methods import measure_cost
 
     qtype = method.recipe[0]["gguf"]["type"]
-    started = time.perf_counter()
-    with _rss_sampler() as rss:
+    with measure_cost() as cost:
         info = export(loaded.path, out / GGUF_FILE, qtype)
-    seconds = time.perf_counter() - started
     loaded.tokenizer.save_pretrained(out)
     size = (out / GGUF_FILE).stat().st_size
     # Norms are written in F32; counted at 2 bytes, like the other checkpoints' bf16_run_bytes.
     f32_elements = sum(_f32_elements(out / GGUF_FILE))
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": rss["peak"], "rss_growth_bytes": rss["peak"] - rss["start"],
-            "format": f"gguf-{qtype.lower()}", "backend": "gguf",
+    return {**cost, "format": f"gguf-{qtype.lower()}", "backend": "gguf",
             "size_bytes": size, "bf16_run_bytes": size - 2 * f32_elements, **info}
 
 

@@ -12,7 +12,6 @@ import contextlib
 import importlib
 import io
 import os
-import time
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
@@ -58,16 +57,13 @@ def build(loaded: models.LoadedModel, method: methods.Method, calib: data.CalibS
     with open(out / LOG, "w") as log, contextlib.redirect_stdout(log), \
             mock.patch.object(loop_processor, "_PROJECT_LOG_DIR", out / LAYER_LOGS):
         model = gptqmodel.GPTQModel.load(str(loaded.path), config, dtype=torch.float32, device="cpu")
-        started = time.perf_counter()
-        with methods._rss_sampler() as rss:
+        with methods.measure_cost() as cost:
             model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1)
-        seconds = time.perf_counter() - started
         model.save(str(out))
     loaded.tokenizer.save_pretrained(out)
     del model
     size, fp32_elements = methods._safetensors_sizes(out)
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": rss["peak"],
-            "rss_growth_bytes": rss["peak"] - rss["start"], "format": methods.saved_format(out),
+    return {**cost, "format": methods.saved_format(out),
             "backend": "gptqmodel", "size_bytes": size, "bf16_run_bytes": size - 2 * fp32_elements,
             "gptqmodel_config": dict(settings), "log": LOG,
             "calibration_data": data.describe(calib.name)}

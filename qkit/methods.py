@@ -375,10 +375,8 @@ def _build_checkpoint(loaded: models.LoadedModel, method: Method, calib: CalibSp
     calib_args = ({"max_seq_length": calib.seq_len, "num_calibration_samples": calib.n_samples,
                    # the calibration set is already a seeded sample: no second, unseeded shuffle
                    "shuffle_calibration_samples": False} if calib else {})
-    started = time.perf_counter()
-    with _oneshot_log(out / "oneshot.log"), _cpu_without_pinning(), _forget_fx_wraps(), _rss_sampler() as rss:
+    with _oneshot_log(out / "oneshot.log"), _cpu_without_pinning(), _forget_fx_wraps(), measure_cost() as cost:
         oneshot(model=model, tokenizer=loaded.tokenizer, recipe=modifiers, dataset=dataset, **calib_args)
-    seconds = time.perf_counter() - started
     with warnings.catch_warnings():
         # oneshot leaves an hf_device_map saying "cpu", so transformers warns about offloaded modules
         # although the whole model is in RAM.
@@ -388,9 +386,7 @@ def _build_checkpoint(loaded: models.LoadedModel, method: Method, calib: CalibSp
     del model
     _release()
     size, fp32_elements = _safetensors_sizes(out)
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": rss["peak"],
-            "rss_growth_bytes": rss["peak"] - rss["start"], "format": saved_format(out),
-            "size_bytes": size, "bf16_run_bytes": size - 2 * fp32_elements, "log": "oneshot.log",
+    return {**cost, "format": saved_format(out), "size_bytes": size, "bf16_run_bytes": size - 2 * fp32_elements, "log": "oneshot.log",
             "calibration_data": data.describe(calib.name) if calib else None}
 
 
@@ -445,6 +441,18 @@ def _safetensors_sizes(path: Path) -> tuple[int, int]:
     """(bytes on disk, number of float32 elements) of a directory's safetensors files."""
     size = sum(file.stat().st_size for file in path.glob("*.safetensors"))
     return size, sum(nbytes // 4 for _, dtype, nbytes in checkpoint_tensors(path) if dtype == "F32")
+
+
+@contextlib.contextmanager
+def measure_cost() -> Iterator[dict[str, float]]:
+    """Wall time and resident memory of a block, filled in on exit as a checkpoint manifest's fields:
+    seconds, peak_rss_bytes and rss_growth_bytes (the peak above the block's start)."""
+    cost: dict[str, float] = {}
+    started = time.perf_counter()
+    with _rss_sampler() as rss:
+        yield cost
+    cost.update(seconds=round(time.perf_counter() - started, 3), peak_rss_bytes=rss["peak"],
+                rss_growth_bytes=rss["peak"] - rss["start"])
 
 
 @contextlib.contextmanager
