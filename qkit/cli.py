@@ -113,7 +113,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from qkit import sensitivity
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    lengths = [int(n) for n in args.context_lengths.split(",")] if args.context_lengths else None
+    lengths = _ints(args.context_lengths) if args.context_lengths else None
     res = sensitivity.run(args.model, methods, args.tasks, profile=args.profile, limit=args.limit,
                           context_lengths=lengths, calib=_calib(args), trust_remote_code=args.trust_remote_code)
     fam = sensitivity.family_table(res)
