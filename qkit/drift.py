@@ -81,7 +81,7 @@ from tqdm.auto import tqdm
 
 from qkit import methods, models, provenance
 from qkit.errors import QkitError
-from qkit.evaluation import head_logits
+from qkit.evaluation import final_hidden, head_logits
 from qkit.metrics import token_stats
 from qkit.store import Store, write_json_atomic, write_text_atomic
 from qkit.tasks import scoring
@@ -305,24 +305,6 @@ def _encode(tokenizer: Any, prompt: str, completion: Sequence[int] | str, max_le
     return ids[cut:], max(1, len(p) - cut), cut > 0
 
 
-def _final_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states after the final norm, taken from the decoder while the whole model runs (hooks on the
-    model, such as compressed-tensors' decompression at the first forward, must run) with one logit row
-    kept: the head is applied to completion rows only, so a long prompt costs no [length, vocab] logits."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(module: Any, args: Any, out: Any) -> None:  # returning None leaves the output as it is
-        captured["hidden"] = out.last_hidden_state
-
-    handle = model.get_decoder().register_forward_hook(keep)
-    try:
-        with torch.inference_mode():
-            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured["hidden"]
-
-
 def _check(req: Request, text: str) -> float:
     scorer, _ = CHECKS[req.check]
     doc = {"prompt": req.prompt, **req.fields}
@@ -367,8 +349,9 @@ def measure(reference: models.LoadedModel, quantized: Any, requests: Sequence[Re
         for row, e in enumerate(batch):
             ids[row, :len(e[2])] = torch.tensor(e[2])
             mask[row, :len(e[2])] = 1
-        hidden_p = _final_hidden(reference.model, ids, mask)
-        hidden_q = _final_hidden(quantized, ids, mask)
+        # the head is applied to completion rows only
+        hidden_p = final_hidden(reference.model, ids, attention_mask=mask)
+        hidden_q = final_hidden(quantized, ids, attention_mask=mask)
         for row, (r, completion, seq, start, truncated) in enumerate(batch):
             rows = slice(start - 1, len(seq) - 1)
             logits_p = head_logits(reference.model, hidden_p[row, rows])

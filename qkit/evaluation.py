@@ -88,6 +88,25 @@ def eval_chunks(loaded: LoadedModel, spec: EvalSpec) -> torch.Tensor:
     return data.eval_tokens(spec.domain, loaded.tokenizer, n).view(-1, spec.ctx)
 
 
+def final_hidden(model: Any, ids: torch.Tensor, **forward: Any) -> torch.Tensor:
+    """Final hidden states [B, L, H] (after the final norm), taken from the decoder while the whole model
+    runs (hooks on the model, such as compressed-tensors' decompression at the first forward, must run)
+    with one logit row kept, so a long input costs no [L, vocab] logits. `forward` goes to the model's
+    call: attention_mask, past_key_values, ..."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(module: Any, args: Any, out: Any) -> None:  # returning None leaves the output as it is
+        captured["hidden"] = out.last_hidden_state
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, logits_to_keep=1, **forward)
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The model's float32 logits [..., V] from its final hidden states [..., H].
 

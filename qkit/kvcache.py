@@ -305,14 +305,13 @@ def _hidden(model: Any, ids: torch.Tensor, cache: str | None, chunk: int) -> tor
     """Final hidden states [L, H] of one sequence. With a runtime cache the sequence is fed in chunks, so
     each chunk attends to the cache's (quantized) copy of the ones before, as in chunked prefill and
     decoding; without one, in one pass."""
-    base = model.get_decoder()
-    with torch.inference_mode():
-        if cache is None:
-            return base(ids[None]).last_hidden_state[0].float()
-        past = make_cache(cache, model.config)
-        parts = [base(ids[None, i:i + chunk], past_key_values=past, use_cache=True).last_hidden_state[0].float()
-                 for i in range(0, len(ids), chunk)]
-        return torch.cat(parts)
+    from qkit.evaluation import final_hidden
+
+    if cache is None:
+        return final_hidden(model, ids[None])[0].float()
+    past = make_cache(cache, model.config)
+    return torch.cat([final_hidden(model, ids[None, i:i + chunk], past_key_values=past, use_cache=True)[0].float()
+                      for i in range(0, len(ids), chunk)])
 
 
 def position_stats(model: Any, loaded: Any, docs: torch.Tensor, base_hidden: torch.Tensor, cache: str | None,
@@ -461,7 +460,7 @@ def _retrieval(loaded: Any, chosen: Sequence[Scheme], prof: Profile, calib: Any,
              for s in chosen if s.unit_scales or s.cache]
     sprof = sensitivity.Profile("kv", limit=None, context_lengths=prof.context_lengths, depths=prof.depths,
                                 per_cell=1, kld_tokens=256, max_gen_toks=16, batch_size=1)
-    res = sensitivity.run(loaded.spec, list(plain), list(prof.tasks), profile=sprof, calib=calib, store=store,
+    res = sensitivity.run(loaded, list(plain), list(prof.tasks), profile=sprof, calib=calib, store=store,
                           extra=extra)
     df = res.items.assign(scheme=lambda d: d["method"].map(lambda m: plain.get(m, m)))
     parts = df["id"].str.split("/", expand=True)  # passkey{keys}/{length}/{depth}/{j}

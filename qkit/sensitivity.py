@@ -97,7 +97,7 @@ def spread(n_available: int, limit: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_available - 1, limit)})
 
 
-def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT_METHODS,
+def run(model: str | models.LoadedModel = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT_METHODS,
         task_names: str | Sequence[str] | None = None, *, profile: str | Profile = "quick", limit: int | None = None,
         context_lengths: Sequence[int] | None = None, calib: CalibSpec | None = None, store: Store | None = None,
         trust_remote_code: bool = False, extra: Sequence[tuple[str, str, Callable[[], Any]]] = ()
@@ -116,7 +116,8 @@ def run(model: str = models.DEFAULT_MODEL, method_names: Sequence[str] = DEFAULT
     names = list(dict.fromkeys(method_names))
     for name in names:
         methods.get_method(name)  # fail on a typo before minutes of work
-    loaded = models.resolve_model(model, store=store, trust_remote_code=trust_remote_code)
+    loaded = (model if isinstance(model, models.LoadedModel)
+              else models.resolve_model(model, store=store, trust_remote_code=trust_remote_code))
     max_len = loaded.info["max_length"]
     if any(t.needs_tokenizer for t in chosen):
         task_items.check_context_lengths(prof.context_lengths, max_len)
