@@ -380,6 +380,8 @@ def findings(df, metric: str = "kld_mean") -> list[str]:
                 continue
             col, rng = mean[domain].dropna(), spread[domain]
             others = col.drop(domain)
+            if others.empty:  # one source in the grid: nothing to compare in-domain calibration with
+                continue
             best_other = others.idxmin()
             if _differ(col[domain], rng[domain], others[best_other], rng[best_other]):
                 better = "better" if col[domain] < others[best_other] else "worse"

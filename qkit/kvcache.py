@@ -11,6 +11,7 @@ unquantized until it requantizes. The formulas are checked against the bytes the
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -481,8 +482,6 @@ def _bucket(start: int) -> str:
 def by_position(res: KVResult, metric: str = "kld"):
     """Mean of `metric` per scheme and position bucket, with a 95% bootstrap CI over the blocks of
     BLOCK positions in the bucket; perplexity from the mean NLL."""
-    import math
-
     import pandas as pd
 
     from qkit import metrics
@@ -490,7 +489,7 @@ def by_position(res: KVResult, metric: str = "kld"):
     d = res.blocks.assign(bucket=res.blocks["start"].map(_bucket))
     rows = []
     for (scheme, bucket), g in d.groupby(["scheme", "bucket"], sort=False):
-        mean, lo, hi = metrics.bootstrap_ci(g[metric].to_numpy(), n_boot=1000, seed=0)
+        mean, lo, hi = metrics.mean_ci(g[metric].to_numpy(), n_boot=1000, seed=0)
         rows.append({"scheme": scheme, "bucket": bucket, "from": int(g["start"].min()), metric: mean,
                      "low": lo, "high": hi, "ppl": math.exp(g["nll"].mean()), "ppl_base": math.exp(g["nll_base"].mean()),
                      "top1_pct": 100 * g["top1"].mean(), "blocks": len(g)})
@@ -514,10 +513,10 @@ def compare(res: KVResult, a: str = "fp8_tensor", b: str = "fp8_head", metric: s
     rows = []
     for bucket, g in pa.groupby("bucket", sort=False):
         x, y = g[metric].to_numpy(), pb.loc[g.index, metric].to_numpy()
-        diff, lo, hi = metrics.bootstrap_ci(x, paired_with=y, n_boot=1000, seed=0)
+        diff, lo, hi = metrics.mean_ci(x, paired_with=y, n_boot=1000, seed=0)
         rows.append({"bucket": bucket, f"{a}": x.mean(), f"{b}": y.mean(), "difference": diff, "low": lo,
-                     "high": hi, "verdict": "no difference" if lo <= 0 <= hi else (f"{b} better" if diff > 0
-                                                                                  else f"{a} better")})
+                     "high": hi, "verdict": ("one block, no CI" if math.isnan(lo) else "no difference"
+                                             if lo <= 0 <= hi else f"{b} better" if diff > 0 else f"{a} better")})
     return pd.DataFrame(rows)
 
 
@@ -532,7 +531,9 @@ def findings(res: KVResult) -> list[str]:
             continue
         grows = last["low"] > first["high"]
         shrinks = last["high"] < first["low"]
-        verdict = ("grows with distance" if grows else "falls with distance" if shrinks
+        verdict = ("cannot be compared with distance: a bucket holds a single block, so no CI (use longer "
+                   "documents or more of them)" if math.isnan(first["low"]) or math.isnan(last["low"])
+                   else "grows with distance" if grows else "falls with distance" if shrinks
                    else "does not change with distance beyond the CIs")
         out.append(f"**{scheme}**: mean KLD {first['kld']:.3g} [{first['low']:.3g}, {first['high']:.3g}] at positions "
                    f"{first['bucket']} and {last['kld']:.3g} [{last['low']:.3g}, {last['high']:.3g}] at "

@@ -10,6 +10,7 @@ checked against.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -219,7 +220,57 @@ def bootstrap_ci(
         [f(a[rng.integers(0, a.size, size=(min(block, n_boot - i), a.size))], axis=1) for i in range(0, n_boot, block)]
     )
     low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return float(f(a)), float(low), float(high)
+    point = float(f(a))
+    # A percentile interval need not contain the plug-in estimate: a resample sums in another order (a tie
+    # can land one ulp outside), and with few units a skewed statistic can sit past a quantile. Tables,
+    # findings and error bars all rely on low ≤ point ≤ high, so it is made to hold here, in one place.
+    return point, min(float(low), point), max(float(high), point)
+
+
+def mean_ci(values: Values, *, paired_with: Values | None = None, n_boot: int = 1000, seed: int = 0
+            ) -> tuple[float, float, float]:
+    """(mean, low, high) as :func:`bootstrap_ci` gives them, or the mean with NaN bounds for a single unit
+    (one chunk, one item, one block): the estimate stands, its spread is unknown."""
+    a = _as_numpy(values, "values")
+    if paired_with is not None and a.size < 2:
+        a = a - _as_numpy(paired_with, "paired values")
+        paired_with = None
+    if a.size < 2:
+        return float(a.mean()), math.nan, math.nan
+    return bootstrap_ci(a, n_boot=n_boot, seed=seed, paired_with=paired_with)
+
+
+def scaled_ci(value: float, point: float, low: float, high: float,
+              transform: Callable[[float], float]) -> tuple[float, float]:
+    """Bounds for ``value``, a quantity that ``transform`` maps monotonically from ``point``, whose CI is
+    (low, high): ``value * transform(bound) / transform(point)``.
+
+    Anchored on ``value`` itself, so a bound equals it exactly when the CI touches the point, instead of
+    two formulas rounding apart (the rounding tie that once made a negative error bar). Example: a
+    perplexity from every token, with the CI of its chunks' mean NLL: ``scaled_ci(ppl, nll, lo, hi, exp)``.
+    NaN bounds stay NaN (no CI).
+    """
+    ref = transform(point)
+    lo, hi = (value if b == point else value * (transform(b) / ref) for b in (low, high))
+    return lo, hi
+
+
+def recovery_ci(base: float, quant: float, diff: float, low: float, high: float,
+                higher_is_better: bool = True) -> tuple[float, float, float]:
+    """Recovery % (see :func:`recovery`) with the CI that the paired CI (low, high) of ``quant − base``
+    implies: (recovery, low, high), NaN where recovery is undefined (a baseline of 0).
+
+    Each bound is the recovery plus the bound's distance from the point, so it cannot round past it.
+    """
+    try:
+        rec = recovery(base, quant, higher_is_better)
+    except QkitError:
+        return math.nan, math.nan, math.nan
+    if higher_is_better:
+        return rec, rec + 100.0 * (low - diff) / base, rec + 100.0 * (high - diff) / base
+    # base/quant falls as quant rises: the upper bound of the difference gives the lower bound.
+    lo_q, hi_q = quant + (high - diff), quant + (low - diff)
+    return rec, rec * (quant / lo_q), (math.inf if hi_q <= 0 else rec * (quant / hi_q))
 
 
 def flips(correct_base: Values, correct_quant: Values) -> dict[str, float]:

@@ -18,16 +18,44 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["error"].isna()] if "error" in df else df
 
 
+def log_scale(ax, values, axis: str = "y") -> None:
+    """A log axis for values that may include exact zeros (a lossless method, a runtime KV cache's
+    unquantized first chunk): symmetric-log, linear below the smallest positive value, so a zero shows at 0
+    instead of vanishing; a plain log axis when every value is positive, linear when none is."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    positive = v[v > 0]
+    setter = ax.set_yscale if axis == "y" else ax.set_xscale
+    if positive.size == 0:
+        setter("linear")
+    elif (v <= 0).any():
+        setter("symlog", linthresh=float(positive.min()))
+    else:
+        setter("log")
+
+
+def error_lengths(point, low, high) -> np.ndarray:
+    """[2, N] error-bar lengths below and above each point, as matplotlib's ``xerr``/``yerr`` take them.
+
+    matplotlib refuses negative lengths. Every interval qkit draws contains its point by construction
+    (:func:`qkit.metrics.bootstrap_ci`, and derived bounds anchored on their point), so a length is never
+    below zero; a missing CI (NaN, e.g. a single unit) draws no bar.
+    """
+    point, low, high = (np.asarray(v, dtype=float) for v in (point, low, high))
+    lengths = np.vstack([point - low, high - point])
+    return np.where(np.isfinite(lengths) & (lengths > 0), lengths, 0.0)
+
+
 def size_vs_kld(df: pd.DataFrame) -> Figure:
     """Checkpoint size against mean KLD to the baseline, with bootstrap CIs: down and left is better."""
     d = _ok(df).dropna(subset=["kld_mean"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    yerr = np.vstack([d["kld_mean"] - d["kld_mean_low"], d["kld_mean_high"] - d["kld_mean"]])
+    yerr = error_lengths(d["kld_mean"], d["kld_mean_low"], d["kld_mean_high"])
     ax.errorbar(d["size_mb"], d["kld_mean"], yerr=yerr, fmt="o", capsize=3)
     for _, r in d.iterrows():
         ax.annotate(r["method"], (r["size_mb"], r["kld_mean"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
-    ax.set_yscale("log")
+    log_scale(ax, np.concatenate([d["kld_mean"], d["kld_mean_low"], d["kld_mean_high"]]))
     ax.set_xlabel("checkpoint size on disk (MB)")
     ax.set_ylabel("mean KL divergence to baseline (nats, log scale)")
     ax.set_title("Size against quality loss")
@@ -41,12 +69,12 @@ def metric_bars(df: pd.DataFrame, metric: str, label: str, *, log: bool = False)
     d = _ok(df).dropna(subset=[metric])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(d) + 1.2))
     y = np.arange(len(d))
-    xerr = np.vstack([d[metric] - d[f"{metric}_low"], d[f"{metric}_high"] - d[metric]])
+    xerr = error_lengths(d[metric], d[f"{metric}_low"], d[f"{metric}_high"])
     ax.barh(y, d[metric], xerr=xerr, capsize=3, color="tab:blue", alpha=0.8)
     ax.set_yticks(y, d["method"])
     ax.invert_yaxis()
     if log:
-        ax.set_xscale("log")
+        log_scale(ax, np.concatenate([d[metric], d[f"{metric}_low"], d[f"{metric}_high"]]), axis="x")
     ax.set_xlabel(label)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -83,12 +111,8 @@ def recovery_by_family(fam: pd.DataFrame) -> Figure:
     for ax, method in zip(axes[0], methods):
         d = fam[fam["method"] == method].set_index("family").reindex(families)
         x = np.arange(len(families))
-        base = d["score_base"].to_numpy(float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rec = np.where(base > 0, 100 * d["score"].to_numpy(float) / base, np.nan)
-            low = np.where(base > 0, 100 * (1 + d["diff_low"].to_numpy(float) / base), np.nan)
-            high = np.where(base > 0, 100 * (1 + d["diff_high"].to_numpy(float) / base), np.nan)
-        err = np.nan_to_num(np.vstack([rec - low, high - rec]))
+        base, rec = d["score_base"].to_numpy(float), d["recovery_pct"].to_numpy(float)
+        err = error_lengths(rec, d["recovery_low"], d["recovery_high"])
         ax.bar(x, np.nan_to_num(rec), yerr=err, capsize=3, color=[colors[f] for f in families], alpha=0.85)
         for xi, b, r in zip(x, base, rec):
             if not b > 0:
@@ -210,15 +234,16 @@ def segment_histograms(diagnostics: dict) -> Figure:
 
 def kv_by_position(table: pd.DataFrame, metric: str = "kld") -> Figure:
     """Quality by position bucket per KV scheme, with 95% CIs: a KV error that grows with distance rises
-    to the right. A scheme at exactly 0 (a runtime cache's first, unquantized chunk) has no point there."""
+    to the right. A scheme at exactly 0 (a runtime cache's first, unquantized chunk) sits on the linear part
+    of the axis, below the smallest positive value."""
     buckets = list(dict.fromkeys(table.sort_values("from")["bucket"]))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for scheme, g in table.groupby("scheme", sort=False):
         x = [buckets.index(b) for b in g["bucket"]]
-        ax.errorbar(x, g[metric], yerr=np.vstack([g[metric] - g["low"], g["high"] - g[metric]]).clip(min=0),
+        ax.errorbar(x, g[metric], yerr=error_lengths(g[metric], g["low"], g["high"]),
                     marker="o", capsize=3, label=scheme)
     ax.set_xticks(range(len(buckets)), buckets)
-    ax.set_yscale("log")
+    log_scale(ax, np.concatenate([table[metric], table["low"], table["high"]]))
     ax.set_xlabel("position in the document (tokens)")
     ax.set_ylabel("mean KL divergence to baseline (nats, log)")
     ax.set_title("KV-cache quantization: quality by position")

@@ -197,13 +197,11 @@ def compare_scores(base: np.ndarray, quant: np.ndarray, *, higher_is_better: boo
     """Score, recovery, paired-bootstrap CI of the difference and flips for one set of paired items."""
     out: dict[str, Any] = {"n": int(base.size), "score_base": float(base.mean()) if base.size else np.nan,
                            "score": float(quant.mean()) if quant.size else np.nan}
-    if base.size >= 2:
-        diff, low, high = metrics.bootstrap_ci(quant, paired_with=base, n_boot=CI_BOOT, seed=seed)
-    else:
-        diff, low, high = (float(quant.mean() - base.mean()) if base.size else np.nan), np.nan, np.nan
+    diff, low, high = (metrics.mean_ci(quant, paired_with=base, n_boot=CI_BOOT, seed=seed) if base.size
+                       else (np.nan, np.nan, np.nan))
     out.update(diff=diff, diff_low=low, diff_high=high)
-    ok = out["score_base"] > 0 and (higher_is_better or out["score"] > 0)
-    out["recovery_pct"] = (metrics.recovery(out["score_base"], out["score"], higher_is_better) if ok else np.nan)
+    out["recovery_pct"], out["recovery_low"], out["recovery_high"] = metrics.recovery_ci(
+        out["score_base"], out["score"], diff, low, high, higher_is_better)
     if binary and base.size:
         out.update({k: v for k, v in metrics.flips(base > 0.5, quant > 0.5).items() if k != "n"})
     return out
@@ -249,7 +247,9 @@ def flip_table(res: SensitivityResult) -> pd.DataFrame:
     df = task_table(res)
     df = df[df["task"].map(lambda t: tasks.get_task(t).binary)]
     cols = ["method", "task", "n", "score_base", "score", "correct_to_wrong", "wrong_to_correct", "flips_pct"]
-    out = df[cols].assign(score_base=100 * df["score_base"], score=100 * df["score"])
+    # A run without right/wrong tasks has no flip columns at all: an empty table, not a KeyError.
+    df = df.reindex(columns=cols)
+    out = df.assign(score_base=100 * df["score_base"], score=100 * df["score"])
     out = out.astype({"correct_to_wrong": int, "wrong_to_correct": int}).round(1)
     return out.rename(columns={"score_base": "baseline %", "score": "quantized %"}).set_index(["method", "task"])
 
@@ -258,6 +258,9 @@ def findings(res: SensitivityResult, seed: int = 0) -> list[str]:
     """What the data shows, one sentence per method and family, worded by the CIs; then the seed's claim
     (arithmetic, code and long context lose more than summarization) checked against them."""
     fam = family_table(res, seed)
+    if fam.empty:
+        return ["No family has a pooled score in this run: likelihood tasks are shown per task only (see the "
+                "per-task table); add a scored task of the family to compare families."]
     lines = []
     for method, g in fam.groupby("method", sort=False):
         parts = []

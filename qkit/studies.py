@@ -19,25 +19,20 @@ from qkit.store import Store
 CI_BOOT = 1000
 
 
-def _ci(values: Sequence[float], paired_with: Sequence[float] | None = None, seed: int = 0
-        ) -> tuple[float, float, float]:
-    if len(values) < 2:  # one chunk: the estimate stands, its spread is unknown
-        diff = np.asarray(values, float) - (0.0 if paired_with is None else np.asarray(paired_with, float))
-        return float(diff.mean()), math.nan, math.nan
-    return metrics.bootstrap_ci(np.asarray(values), n_boot=CI_BOOT, seed=seed,
-                                paired_with=None if paired_with is None else np.asarray(paired_with))
-
-
-def _row(result: dict, seed: int) -> dict:
+def result_row(result: dict, seed: int = 0) -> dict:
     """Flatten one evaluation into table columns, with 95% bootstrap CIs over chunks."""
-    kld, kld_lo, kld_hi = _ci(result["chunk_kld"], seed=seed)
-    nll, nll_lo, nll_hi = _ci(result["chunk_nll"], seed=seed)
-    top1, top1_lo, top1_hi = _ci(result["chunk_top1"], seed=seed)
-    dnll, dnll_lo, dnll_hi = _ci(result["chunk_nll"], paired_with=result["chunk_nll_base"], seed=seed)
+    ci = lambda values, **kw: metrics.mean_ci(values, n_boot=CI_BOOT, seed=seed, **kw)  # noqa: E731
+    kld, kld_lo, kld_hi = ci(result["chunk_kld"])
+    nll, nll_lo, nll_hi = ci(result["chunk_nll"])
+    top1, top1_lo, top1_hi = ci(result["chunk_top1"])
+    dnll, dnll_lo, dnll_hi = ci(result["chunk_nll"], paired_with=result["chunk_nll_base"])
     row = {k: v for k, v in result.items() if not k.startswith("chunk_")}
+    # The perplexity is exp of the mean NLL over every token (as llama.cpp and lm-eval give it); its CI is
+    # that of the chunks' mean NLL, carried over by exp so that it brackets the perplexity shown.
+    ppl_lo, ppl_hi = metrics.scaled_ci(row["ppl_quant"], nll, nll_lo, nll_hi, math.exp)
     row.update(
         kld_mean=kld, kld_mean_low=kld_lo, kld_mean_high=kld_hi,
-        ppl_quant_low=math.exp(nll_lo), ppl_quant_high=math.exp(nll_hi),
+        ppl_quant_low=ppl_lo, ppl_quant_high=ppl_hi,
         top1_pct=100 * top1, top1_pct_low=100 * top1_lo, top1_pct_high=100 * top1_hi,
         delta_nll=dnll, delta_nll_low=dnll_lo, delta_nll_high=dnll_hi,
     )
@@ -70,7 +65,7 @@ def evaluate_method(loaded: models.LoadedModel, method: str, *, calib: CalibSpec
         "quant_seconds": ckpt.seconds, "quant_peak_rss_mb": ckpt.meta.get("peak_rss_bytes", 0) / 1e6,
         # checkpoints built before qkit sampled memory per run lack it
         "quant_rss_growth_mb": ckpt.meta.get("rss_growth_bytes", float("nan")) / 1e6,
-        "checkpoint": str(ckpt.path), **_row(result, seed), "error": None,
+        "checkpoint": str(ckpt.path), **result_row(result, seed), "error": None,
     }
 
 
