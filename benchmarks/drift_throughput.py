@@ -1,4 +1,4 @@
-"""Drift scoring throughput: requests per second of `qkit.drift.measure`, batched against one request at
+"""Drift scoring throughput: requests per second of `qkit.evaluation.served.measure`, batched against one request at
 a time, on the same requests and models.
 
 The requests are qkit's sample drift prompts (arithmetic, prose, code and chat; `check` dropped so that
@@ -19,7 +19,10 @@ import time
 
 import torch
 
-from qkit import data, drift, models
+from qkit import data, models
+from qkit.data import request_log
+from qkit.evaluation import served as serving
+from qkit.quant import variants
 
 
 def main() -> None:
@@ -30,17 +33,17 @@ def main() -> None:
     ap.add_argument("--completion-tokens", type=int, default=32)
     args = ap.parse_args()
     loaded = models.resolve_model(args.model)
-    served = drift.load_served(loaded, args.method)
+    served = variants.parse(loaded, args.method)
     tok = loaded.tokenizer
     prose = data.eval_tokens("prose", tok, n_tokens=64 * args.completion_tokens).view(64, -1)
     requests = [dataclasses.replace(r, check=None, fields={}, completion=tok.decode(prose[i % len(prose)]),
                                     completion_ids=tuple(prose[i % len(prose)].tolist()))
-                for i, r in enumerate(drift.read_log(drift.SAMPLE_PROMPTS).requests)]
-    drift.measure(loaded, served.model, requests[:2], drift.DriftConfig(batch_size=2))  # warm-up, not timed
+                for i, r in enumerate(request_log.read_log(request_log.SAMPLE_PROMPTS).requests)]
+    serving.measure(loaded, served.model, requests[:2], serving.DriftConfig(batch_size=2))  # warm-up, not timed
     timings, results = {}, {}
     for bs in (1, args.batch_size):
         started = time.perf_counter()
-        results[bs] = drift.measure(loaded, served.model, requests, drift.DriftConfig(batch_size=bs))
+        results[bs] = serving.measure(loaded, served.model, requests, serving.DriftConfig(batch_size=bs))
         timings[bs] = time.perf_counter() - started
     n_tokens = sum(len(tok(r.prompt)["input_ids"]) + args.completion_tokens for r in requests)
     diff = {m: max(abs(a[m] - b[m]) for a, b in zip(results[1], results[args.batch_size]))

@@ -18,14 +18,16 @@ import time
 
 import torch
 
-from qkit import methods, models, provenance
+from qkit import models
+from qkit.core import provenance
 from qkit.evaluation import EvalSpec, compare
+from qkit.quant import methods, registry
 
 FP8 = torch.float8_e4m3fn
 
 
 def native_table(capability: tuple[int, int]) -> dict[str, bool]:
-    return {name: capability >= m.native_hardware.min_capability for name, m in methods.METHODS.items()}
+    return {name: capability >= m.native_hardware.min_capability for name, m in registry.METHODS.items()}
 
 
 def quantize_and_evaluate(loaded: models.LoadedModel, names: list[str]) -> dict:
@@ -50,8 +52,9 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_kernel_check(ckpt_dir: str) -> dict:
-    from safetensors.torch import load_file
     from pathlib import Path
+
+    from safetensors.torch import load_file
 
     tensors = {}
     for f in Path(ckpt_dir).glob("*.safetensors"):

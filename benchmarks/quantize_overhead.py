@@ -13,11 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from qkit import data, methods, models
-from qkit.store import Store
+from qkit import data, models
+from qkit.core.store import Store
+from qkit.quant import methods, registry
+from qkit.quant.backends import llmcompressor as llmcompressor_backend
 
 
-def direct(loaded: models.LoadedModel, method: methods.Method, calib: methods.CalibSpec, out: Path) -> float:
+def direct(loaded: models.LoadedModel, method: registry.Method, calib: methods.CalibSpec, out: Path) -> float:
     from llmcompressor import oneshot
 
     started = time.perf_counter()
@@ -26,14 +28,14 @@ def direct(loaded: models.LoadedModel, method: methods.Method, calib: methods.Ca
                                    tokenizer=loaded.tokenizer) if method.needs_calibration else None
     kwargs = {"max_seq_length": calib.seq_len, "num_calibration_samples": calib.n_samples,
               "shuffle_calibration_samples": False} if dataset is not None else {}
-    with methods._cpu_without_pinning():  # AWQ cannot run on CPU without it, direct or not
-        oneshot(model=model, tokenizer=loaded.tokenizer, recipe=methods.recipe(method), dataset=dataset, **kwargs)
+    with llmcompressor_backend.cpu_without_pinning():  # AWQ cannot run on CPU without it, direct or not
+        oneshot(model=model, tokenizer=loaded.tokenizer, recipe=llmcompressor_backend.recipe(method), dataset=dataset, **kwargs)
     model.save_pretrained(out, save_compressed=True)
     loaded.tokenizer.save_pretrained(out)
     return time.perf_counter() - started
 
 
-def via_qkit(loaded: models.LoadedModel, method: methods.Method, calib: methods.CalibSpec, root: Path) -> float:
+def via_qkit(loaded: models.LoadedModel, method: registry.Method, calib: methods.CalibSpec, root: Path) -> float:
     started = time.perf_counter()
     methods.quantize(loaded, method, calib=calib, store=Store(root))
     return time.perf_counter() - started
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     loaded = models.resolve_model(args.model)
-    method = methods.get_method(args.method)
+    method = registry.get_method(args.method)
     calib = methods.CalibSpec("prose", args.samples, args.seq_len, 0)
     import llmcompressor  # noqa: F401 - import cost (15-25 s) is paid once, outside both timings
 

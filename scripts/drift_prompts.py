@@ -7,8 +7,8 @@ in qkit's sandbox), and the openings of held-out prose paragraphs and chats from
 import json
 
 from qkit import data
-from qkit.drift import SAMPLE_PROMPTS
-from qkit.tasks import items
+from qkit.data.request_log import SAMPLE_PROMPTS
+from qkit.evaluation.tasks import items
 
 PER_TAG, START, CHARS = 16, 1793491200, 400  # 2026-11-01T00:00:00Z; openings cut to 400 characters
 

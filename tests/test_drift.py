@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from qkit import cli, data, drift
-from qkit.errors import QkitError
-from qkit.models import _train_tokenizer
-from qkit.store import Store
+from qkit import cli, data
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.data import request_log
+from qkit.evaluation import metrics, monitor
+from qkit.evaluation import served as serving
+from qkit.models.builtin import train_tokenizer
+from qkit.quant import variants
+from qkit.studies import drift_monitoring as drift
 
 N_PROMPTS, WINDOW, NEW_TOKENS = 64, 16, 16
-CONFIG = drift.DriftConfig(batch_size=8, max_new_tokens=NEW_TOKENS)
-MONITOR = drift.MonitorConfig(window=WINDOW)
+CONFIG = serving.DriftConfig(batch_size=8, max_new_tokens=NEW_TOKENS)
+MONITOR = monitor.MonitorConfig(window=WINDOW)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,7 +76,7 @@ def switched_log(tiny, prompts, damaged_dir, store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(tiny, store):
-    return drift.load_served(tiny, "fp8_dynamic", store)
+    return variants.parse(tiny, "fp8_dynamic", store=store)
 
 
 def test_replay_writes_the_log_format_with_the_switch(switched_log, damaged_dir):
@@ -79,12 +84,12 @@ def test_replay_writes_the_log_format_with_the_switch(switched_log, damaged_dir)
     assert len(records) == N_PROMPTS
     assert [r["served_by"] for r in records] == ["fp8_dynamic"] * 32 + [str(damaged_dir)] * 32
     assert all(isinstance(r["completion"], str) and r["prompt"] and r["tag"] in ("prose", "code") for r in records)
-    assert drift.read_log(switched_log).malformed == []
+    assert request_log.read_log(switched_log).malformed == []
 
 
 def test_switch_alerts_after_it_and_not_before(tiny, served, switched_log, store):
     state = drift.update(switched_log, tiny, served, CONFIG, store)
-    mon = drift.monitor(state.results, MONITOR)
+    mon = monitor.monitor(state.results, MONITOR)
     w = mon.windows.set_index("window")
     assert list(w.index) == [0, 1, 2, 3]
     assert not w.loc[1, "alert"], w.loc[1, "reasons"]
@@ -102,16 +107,16 @@ def unchanged_log(tiny, prompts, store, tmp_path_factory):
 
 
 def test_unchanged_log_gives_no_alert(tiny, served, unchanged_log, store):
-    mon = drift.monitor(drift.update(unchanged_log, tiny, served, CONFIG, store).results, MONITOR)
+    mon = monitor.monitor(drift.update(unchanged_log, tiny, served, CONFIG, store).results, MONITOR)
     assert len(mon.windows) == 4 and mon.alerts == [], mon.alerts
     # Greedy fp8_dynamic serving: the named model's agreement and the served tokens' are one measure.
     assert np.allclose(mon.requests["top1"], mon.requests["served_top1"])
 
 
 def test_batched_scoring_equals_one_request_at_a_time(tiny, served, switched_log):
-    requests = drift.read_log(switched_log).requests[:10]
-    batched = drift.measure(tiny, served.model, requests, drift.DriftConfig(batch_size=8))
-    single = drift.measure(tiny, served.model, requests, drift.DriftConfig(batch_size=1))
+    requests = request_log.read_log(switched_log).requests[:10]
+    batched = serving.measure(tiny, served.model, requests, serving.DriftConfig(batch_size=8))
+    single = serving.measure(tiny, served.model, requests, serving.DriftConfig(batch_size=1))
     assert [r["line"] for r in batched] == [r["line"] for r in single] == [r.line for r in requests]
     for b, s in zip(batched, single):
         assert b["n_tokens"] == s["n_tokens"] and b["top1"] == s["top1"] and b["served_top1"] == s["served_top1"]
@@ -126,7 +131,7 @@ def test_rerun_reads_only_new_lines(tiny, served, switched_log, store, tmp_path,
     first = drift.update(log, tiny, served, CONFIG, store)
     assert [r["line"] for r in first.results] == list(range(1, 21))
     seen: list[int] = []
-    measure = drift.measure
+    measure = serving.measure
     monkeypatch.setattr(drift, "measure", lambda ref, q, reqs, cfg: seen.extend(r.line for r in reqs)
                         or measure(ref, q, reqs, cfg))
     with open(log, "a") as f:
@@ -162,10 +167,10 @@ def test_malformed_lines_are_reported_by_number_and_skipped(tiny, served, store,
 def test_half_written_last_line_waits_for_the_next_run(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps({"prompt": "a"}) + "\n" + '{"prompt": "b", "compl')
-    chunk = drift.read_log(log)
+    chunk = request_log.read_log(log)
     assert [r.line for r in chunk.requests] == [1] and chunk.malformed == [] and chunk.n_lines == 1
     log.write_text(log.read_text() + 'etion": " c"}\n')
-    rest = drift.read_log(log, chunk.end_offset, 2)
+    rest = request_log.read_log(log, chunk.end_offset, 2)
     assert [(r.line, r.completion) for r in rest.requests] == [(2, " c")]
 
 
@@ -179,55 +184,55 @@ def test_log_without_usable_lines_is_an_error(tiny, served, store, tmp_path):
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(tiny, served):
-    req = drift.Request(1, "word " * 400, " the end of it.")
-    unanswered = drift.Request(2, "word " * 400)  # answered by the quantized model within the 64 tokens
+    req = request_log.Request(1, "word " * 400, " the end of it.")
+    unanswered = request_log.Request(2, "word " * 400)  # answered by the quantized model within the 64 tokens
     with pytest.warns(UserWarning, match="2 request.* cut from the left"):
-        cut, answered = drift.measure(tiny, served.model, [req, unanswered], drift.DriftConfig(max_length=64,
+        cut, answered = serving.measure(tiny, served.model, [req, unanswered], serving.DriftConfig(max_length=64,
                                                                                               max_new_tokens=8))
-    (whole,) = drift.measure(tiny, served.model, [req], drift.DriftConfig())
+    (whole,) = serving.measure(tiny, served.model, [req], serving.DriftConfig())
     assert cut["truncated"] and not whole["truncated"] and cut["n_tokens"] == whole["n_tokens"]
     assert answered["generated"] and 0 < answered["n_tokens"] <= 8
 
 
 def test_checkable_requests_are_scored_for_both_models(tiny, served):
-    reqs = [drift.Request(1, "Q: What is 1 plus 1?\nA:", " 2", check="arithmetic", fields={"answer": "2"}),
-            drift.Request(2, "Q: What is 1 plus 1?\nA:", " 3", check="arithmetic", fields={"answer": "2"})]
-    a, b = drift.measure(tiny, served.model, reqs, CONFIG)
+    reqs = [request_log.Request(1, "Q: What is 1 plus 1?\nA:", " 2", check="arithmetic", fields={"answer": "2"}),
+            request_log.Request(2, "Q: What is 1 plus 1?\nA:", " 3", check="arithmetic", fields={"answer": "2"})]
+    a, b = serving.measure(tiny, served.model, reqs, CONFIG)
     assert (a["correct_quant"], b["correct_quant"]) == (1.0, 0.0)
-    assert a["correct_ref"] == b["correct_ref"] == float(drift._check(reqs[0], a["ref_answer"]))
+    assert a["correct_ref"] == b["correct_ref"] == float(serving._check(reqs[0], a["ref_answer"]))
 
 
 def test_other_tokenizer_is_a_clear_error(tiny, damaged_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(damaged_dir, other)
-    _train_tokenizer(["a small other corpus, with another vocabulary"] * 20).save_pretrained(other)
+    train_tokenizer(["a small other corpus, with another vocabulary"] * 20).save_pretrained(other)
     with pytest.raises(QkitError, match="another tokenizer than the reference"):
-        drift.load_served(tiny, str(other))
+        variants.parse(tiny, str(other))
 
 
 def test_time_windows_and_their_errors():
     rows = [{"line": i + 1, "timestamp": 1000.0 + 60 * i, "tag": "t", "kld": 0.1, "top1": 1.0, "served_top1": 1.0,
              "ref_logprob": -2.0, "check": None} for i in range(30)]
-    mon = drift.monitor(rows, drift.MonitorConfig(window="10m"))
+    mon = monitor.monitor(rows, monitor.MonitorConfig(window="10m"))
     assert list(mon.windows["n"]) == [10, 10, 10] and mon.alerts == []
     with pytest.raises(QkitError, match="timestamp"):
-        drift.monitor([{**r, "timestamp": None} for r in rows], drift.MonitorConfig(window="1h"))
+        monitor.monitor([{**r, "timestamp": None} for r in rows], monitor.MonitorConfig(window="1h"))
     # A tag first seen after the baseline window is shown, never compared.
     late = [{**r, "tag": "new"} if r["line"] > 20 else r for r in rows]
-    tags = drift.monitor(late, drift.MonitorConfig(window=10)).tags
+    tags = monitor.monitor(late, monitor.MonitorConfig(window=10)).tags
     assert not tags["alert"].any() and tags.loc[tags["tag"] == "new", "kld_ratio"].isna().all()
     for bad in ("1", "ten", "0m"):
         with pytest.raises(QkitError):
-            drift.MonitorConfig(window=bad)
+            monitor.MonitorConfig(window=bad)
 
 
 def test_change_tests_can_tell_noise_from_a_shift():
     rng = np.random.default_rng(1)
     base = rng.exponential(0.01, 40)
-    assert drift.permutation_p(base, rng.exponential(0.01, 20), +1, 2000, 0) > 0.01
-    assert drift.permutation_p(base, rng.exponential(0.05, 20), +1, 2000, 0) < 0.001
-    assert drift.binomial_tail_p(1, 20, 0.05) == pytest.approx(1 - 0.95**20)
-    assert drift.binomial_tail_p(8, 20, 0.05) < 1e-4
+    assert metrics.permutation_p(base, rng.exponential(0.01, 20), +1, 2000, 0) > 0.01
+    assert metrics.permutation_p(base, rng.exponential(0.05, 20), +1, 2000, 0) < 0.001
+    assert metrics.binomial_tail_p(1, 20, 0.05) == pytest.approx(1 - 0.95**20)
+    assert metrics.binomial_tail_p(8, 20, 0.05) < 1e-4
 
 
 def run_cli(capsys, *argv):
@@ -257,7 +262,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys, case, tmp_path, damaged_di
     other = tmp_path / "other"
     if case == "other tokenizer":
         shutil.copytree(damaged_dir, other)
-        _train_tokenizer(["another corpus entirely"] * 20).save_pretrained(other)
+        train_tokenizer(["another corpus entirely"] * 20).save_pretrained(other)
     argv = {"missing log": ["--log", tmp_path / "nope.jsonl", "--quantized", "fp8_dynamic"],
             "tiny window": ["--log", unchanged_log, "--quantized", "fp8_dynamic", "--window", "1"],
             "unknown method": ["--log", unchanged_log, "--quantized", "int3_magic"],
@@ -311,15 +316,15 @@ def test_a_change_in_one_tag_alerts_for_that_tag():
     rng = np.random.default_rng(0)
     rows = [{"line": i + 1, "timestamp": None, "tag": "ab"[i % 2], "check": None, "top1": 0.95, "served_top1": 0.95,
              "ref_logprob": -1.0, "kld": rng.exponential(0.01) * (5 if i >= 80 and i % 2 else 1)} for i in range(120)]
-    mon = drift.monitor(rows, drift.MonitorConfig(window=40))
+    mon = monitor.monitor(rows, monitor.MonitorConfig(window=40))
     assert {(a["tag"], a["window"]) for a in mon.alerts if a["scope"] == "tag"} == {("b", 2)}
     assert any("mean KLD" in r for a in mon.alerts for r in a["reasons"])
 
 
 def test_sample_log_parses_and_its_code_request_is_checked_in_the_sandbox():
-    chunk = drift.read_log(drift.SAMPLE_LOG)
+    chunk = request_log.read_log(request_log.SAMPLE_LOG)
     assert chunk.malformed == [] and [r.check for r in chunk.requests] == ["arithmetic", None, "humaneval", None]
     code = chunk.requests[2]
-    assert drift._check(code, code.completion) == 1.0
-    assert drift._check(code, "    return a - b\n") == 0.0
-    assert len(drift.read_log(drift.SAMPLE_PROMPTS).requests) == 64
+    assert serving._check(code, code.completion) == 1.0
+    assert serving._check(code, "    return a - b\n") == 0.0
+    assert len(request_log.read_log(request_log.SAMPLE_PROMPTS).requests) == 64

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from qkit import data, evaluation as E
-from qkit.errors import QkitError
-from qkit.metrics import kld_exact, token_stats
+from qkit import data
+from qkit import evaluation as E
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.evaluation.metrics import kld_exact, token_stats
 from qkit.models import resolve_model
-from qkit.store import Store
 
 SPEC = E.EvalSpec(domain="prose", n_tokens=1024, ctx=128, batch_size=3)  # 8 chunks: batches of 3, 3, 2
 

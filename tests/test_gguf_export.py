@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from qkit import gguf_export, methods
-from qkit.errors import QkitError
-from qkit.store import Store
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.quant import methods
+from qkit.quant.backends import gguf as gguf_export
 
 TEXT = "The king's daughter, 12 + 7 = 19. def f(x):\n    return x"
 

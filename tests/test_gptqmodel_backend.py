@@ -7,19 +7,20 @@ import math
 import pytest
 import torch
 
-from qkit import gptqmodel_backend, methods
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
 from qkit.data import CalibSpec
-from qkit.errors import QkitError
-from qkit.store import Store
+from qkit.quant import methods, registry
+from qkit.quant.backends import gptqmodel as gptqmodel_backend
 
 CALIB = CalibSpec("prose", 16, 128)
 
 
 def test_same_format_settings_as_llmcompressor_gptq():
-    ours, theirs = methods.get_method("w4a16_gptq_gptqmodel"), methods.get_method("w4a16_gptq")
+    ours, theirs = registry.get_method("w4a16_gptq_gptqmodel"), registry.get_method("w4a16_gptq")
     settings = ours.recipe[0]["GPTQModel"]
     (group,) = theirs.recipe[0]["GPTQModifier"]["config_groups"].values()
-    assert settings["group_size"] == group["weights"]["group_size"] == methods.INT4_GROUP
+    assert settings["group_size"] == group["weights"]["group_size"] == registry.INT4_GROUP
     assert settings["bits"] == group["weights"]["num_bits"] and settings["sym"] == group["weights"]["symmetric"]
     assert ours.needs_calibration and ours.weight_format == theirs.weight_format == "INT4"
     # the same CalibSpec gives both backends the same store key part
@@ -53,7 +54,7 @@ def test_gptqmodel_quantizes_tiny_and_reloads_through_qkit(tiny, tmp_path, monke
     ckpt = methods.quantize(tiny, "w4a16_gptq_gptqmodel", calib=CALIB, store=store)
     assert ckpt.meta["backend"] == "gptqmodel" and ckpt.meta["format"] == "gptq"
     config = json.loads((ckpt.path / "config.json").read_text())["quantization_config"]
-    assert (config["bits"], config["group_size"], config["sym"]) == (4, methods.INT4_GROUP, True)
+    assert (config["bits"], config["group_size"], config["sym"]) == (4, registry.INT4_GROUP, True)
     assert (ckpt.path / gptqmodel_backend.LOG).stat().st_size > 0
     assert list((ckpt.path / gptqmodel_backend.LAYER_LOGS).glob("gptq_log_*.log"))
     assert Store.manifest(ckpt.path)["spec"]["calibration"]["n_samples"] == 16

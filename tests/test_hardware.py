@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from qkit import cli, hardware, memory
-from qkit.errors import QkitError
+from qkit import cli
+from qkit.core.errors import QkitError
+from qkit.plan import hardware, memory
 
 
 @pytest.mark.parametrize("gpu, precision, method", [
@@ -24,7 +25,7 @@ def test_recommendation_per_generation(gpu, precision, method):
 
 
 def test_every_recommended_method_is_in_the_registry():
-    from qkit.methods import get_method
+    from qkit.quant.registry import get_method
 
     for rule in hardware.rules():
         for name in rule.methods:

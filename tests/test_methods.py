@@ -1,4 +1,4 @@
-"""qkit.methods: the registry must agree with what llm-compressor really builds, and every method must
+"""qkit.quant: the registry must agree with what llm-compressor really builds, and every method must
 quantize, save, reload and stay close to the float model."""
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ import pytest
 import torch
 import yaml
 
-from qkit import data, methods
-from qkit.errors import QkitError
-from qkit.methods import METHODS, CalibSpec, get_method, load_quantized, quantize, recipe, recipe_yaml
+from qkit import data
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.data import CalibSpec
 from qkit.models import LoadedModel
-from qkit.store import Store
+from qkit.quant import artifacts, registry
+from qkit.quant.backends import llmcompressor as llmcompressor_backend
+from qkit.quant.backends.llmcompressor import recipe
+from qkit.quant.methods import load_quantized, quantize
+from qkit.quant.registry import METHODS, get_method, recipe_yaml
 
 
 def _quant_modifier(modifiers):
@@ -72,7 +77,7 @@ def test_awq_is_a_transform_followed_by_a_quantizer():
 
 def test_one_reload_dtype_per_format():
     for method in METHODS.values():
-        assert methods.RELOAD_DTYPES[method.expected_format] == method.reload_dtype
+        assert registry.RELOAD_DTYPES[method.expected_format] == method.reload_dtype
     assert {m.name for m in METHODS.values() if m.reload_dtype == "bfloat16"} == {"nvfp4a16", "nvfp4"}
 
 
@@ -155,7 +160,7 @@ def test_llmcompressor_still_pins_on_cpu():
 
 def test_pinning_workaround_applies():
     cache = _pinnable_cache()
-    with methods._cpu_without_pinning():  # AttributeError here: upstream renamed what the workaround patches
+    with llmcompressor_backend.cpu_without_pinning():  # AttributeError here: upstream renamed what the workaround patches
         cache.pin_memory(0)
     assert torch.equal(cache.fetch(0)["hidden"], torch.ones(3))
 
@@ -197,7 +202,7 @@ def test_quantize_save_reload(name, tiny, eval_ids, float_loss, ckpt_store, monk
     method = METHODS[name]
     ckpt = quantize(tiny, method, calib=CALIB, store=ckpt_store)
 
-    assert ckpt.meta["format"] == method.expected_format == methods.saved_format(ckpt.path)
+    assert ckpt.meta["format"] == method.expected_format == artifacts.saved_format(ckpt.path)
     assert (ckpt.path / "oneshot.log").stat().st_size > 0
     assert ckpt.bf16_run_bytes < ckpt.size_bytes  # embeddings and norms stay fp32 on disk
     # The quantized Linear weights hold weight_bits each; the rest stays 16-bit. Scales, zero points and

@@ -1,4 +1,4 @@
-"""qkit.metrics against independent numpy/scipy computations and closed-form cases."""
+"""qkit.evaluation.metrics against independent numpy/scipy computations and closed-form cases."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import torch
 from scipy.special import log_softmax as np_log_softmax
 from scipy.stats import entropy
 
-from qkit import metrics as M
-from qkit.errors import QkitError
+from qkit.core.errors import QkitError
+from qkit.evaluation import metrics as M
 
 V = 1000
 

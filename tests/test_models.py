@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from qkit import data, models
-from qkit.errors import QkitError
-from qkit.models import bf16_bytes, fingerprint, max_length, n_params, resolve_model
-from qkit.store import Store
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.models import bf16_bytes, builtin, fingerprint, gguf, loader, max_length, n_params, resolve_model
 
 
 def _sha(path: Path) -> str:
@@ -136,7 +136,7 @@ def test_large_files_are_fingerprinted_by_samples(tmp_path):
     tuned = base.copy()
     tuned[1 << 20:] ^= 1
     (tmp_path / "c").write_bytes(tuned.tobytes())
-    digest = models._file_digest
+    digest = loader._file_digest
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
 
 
@@ -231,7 +231,7 @@ def test_gguf_file_is_dequantized_once_into_the_store(tiny, tmp_path, monkeypatc
     assert loaded.tokenizer.eos_token == tiny.tokenizer.eos_token
 
     # The second resolve loads the copy; it never reads the GGUF's tensors again.
-    monkeypatch.setattr(models, "_gguf_build", lambda path: lambda out: pytest.fail("rebuilt the GGUF copy"))
+    monkeypatch.setattr(loader, "gguf_build", lambda path: lambda out: pytest.fail("rebuilt the GGUF copy"))
     again = resolve_model(str(gguf_path), store=store)
     assert again.path == loaded.path and again.info["fingerprint"] == loaded.info["fingerprint"]
 
@@ -243,7 +243,7 @@ def test_gguf_loaded_model_saves_once_quantizer_is_dropped(tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_path.name)
     with pytest.raises(ValueError, match="not serializable"):
         model.save_pretrained(tmp_path / "refused")
-    models._drop_gguf_quantizer(model)
+    gguf.drop_gguf_quantizer(model)
     model.save_pretrained(tmp_path / "saved")
     reloaded = models.load_pretrained(tmp_path / "saved")
     ids = _prose_ids(tiny.tokenizer, 512)
@@ -353,4 +353,4 @@ def test_max_length_fields():
 
 def test_unigram_loss_matches_entropy():
     ids = torch.tensor([0, 0, 1, 2])
-    assert models._unigram_loss(ids, 8) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert builtin._unigram_loss(ids, 8) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))

@@ -1,13 +1,12 @@
 """End to end: the methods notebook, executed by papermill on the tiny model with every method."""
 import json
 import re
+from functools import partial
 
 import pytest
 
-from qkit.methods import STUDY_METHODS
-from functools import partial
-
 from qkit import report
+from qkit.quant.registry import STUDY_METHODS
 
 # A cell that never gets its kernel reply fails its test after 10 minutes instead of holding CI to its limit.
 run_report = partial(report.run_report, timeout=600)

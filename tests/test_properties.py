@@ -10,11 +10,17 @@ import warnings
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkit import calibration, data, drift, kvcache, plots, sensitivity as S, studies, tasks
+from qkit import data
+from qkit.data.diagnostics import diagnose
+from qkit.evaluation import monitor, tasks
+from qkit.studies import calibration_data as calibration
+from qkit.studies import kv_cache as kvcache
+from qkit.studies import plots
+from qkit.studies import quantization_methods as studies
+from qkit.studies import task_sensitivity as S
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -71,7 +77,7 @@ TASKS = ("qkit_arithmetic", "qkit_gsm8k", "qkit_humaneval", "qkit_passkey", "qki
 
 
 @st.composite
-def sensitivity_results(draw) -> S.SensitivityResult:
+def sensitivity_results(draw) -> S.Result:
     methods = draw(st.lists(st.sampled_from(["fp8_dynamic", "w8a8_int8", "w4a16_gptq"]), min_size=1, max_size=3,
                             unique=True))
     chosen = draw(st.lists(st.sampled_from(TASKS), min_size=1, max_size=len(TASKS), unique=True))
@@ -88,7 +94,7 @@ def sensitivity_results(draw) -> S.SensitivityResult:
                       "output": "x"} for i, s in enumerate(scores)]
             if method != "baseline":
                 kld.append({"method": method, "task": name, "kld_mean": draw(small_floats)})
-    return S.SensitivityResult(pd.DataFrame(rows), pd.DataFrame(kld), {"methods": methods, "tasks": chosen})
+    return S.Result(S.PROFILES["quick"], pd.DataFrame(rows), pd.DataFrame(kld), {"methods": methods, "tasks": chosen})
 
 
 @PROPERTY
@@ -158,7 +164,7 @@ def sweeps(draw) -> pd.DataFrame:
     methods = draw(st.lists(st.sampled_from(["w4a16_gptq", "w4a16_awq"]), min_size=1, max_size=2, unique=True))
     sources = tuple(draw(st.lists(st.sampled_from(data.EVAL_DOMAINS), min_size=1, max_size=3, unique=True)))
     seeds = tuple(range(draw(st.integers(1, 2))))
-    grid = calibration.Grid(methods=tuple(methods), sources=sources, samples=(2, 4), seq_lens=(64, 128),
+    grid = calibration.Config(methods=tuple(methods), sources=sources, samples=(2, 4), seq_lens=(64, 128),
                             seeds=seeds, center=(4, 128), curve_source=sources[0], eval_tokens=512, ctx=256)
     tie = draw(st.booleans())
     rows = [{"method": m, "source": c.name, "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed,
@@ -181,14 +187,16 @@ def test_calibration_tables_findings_and_figures(df) -> None:
             assert ((c["min"] <= c["mean"]) & (c["mean"] <= c["max"])).all()
     assert calibration.findings(df)
     calibration.cost_table(df)
-    _draw(plots.calibration_heatmaps(df, "kld_mean"))
-    _draw(plots.calibration_heatmaps(df, "top1_pct"))
-    _draw(plots.calibration_curves(df))
-    _draw(plots.calibration_cost(df))
+    config = calibration.Config(**df.attrs["grid"])
+    sets = {s: diagnose([[1, 2, 3] * 8] * 2, eos_id=None, domains=[s] * 2) for s in config.sources}
+    result = calibration.Result(config, df, sets)
+    assert result.findings() and result.summary().headline
+    for name, figure in result.figures().items():
+        _draw(figure)
 
 
 @st.composite
-def kv_results(draw) -> kvcache.KVResult:
+def kv_results(draw) -> kvcache.Result:
     schemes = draw(st.lists(st.sampled_from(["fp8_tensor", "fp8_head", "hqq_int4"]), min_size=1, max_size=3,
                             unique=True))
     n_docs, n_blocks = draw(st.integers(1, 2)), draw(st.integers(1, 12))
@@ -201,8 +209,8 @@ def kv_results(draw) -> kvcache.KVResult:
                 kld = 0.0 if s == "hqq_int4" and b < 4 else (0.01 if same else draw(small_floats))
                 rows.append({"scheme": s, "doc": d, "start": b * kvcache.BLOCK, "kld": kld, "nll": 3.0 + kld,
                              "nll_base": 3.0, "top1": draw(st.sampled_from([0.0, 0.5, 1.0]))})
-    return kvcache.KVResult(pd.DataFrame(rows), pd.DataFrame(columns=["scheme", "task", "length", "depth", "score"]),
-                            {})
+    return kvcache.Result(kvcache.PROFILES["quick"], pd.DataFrame(rows),
+                          pd.DataFrame(columns=["scheme", "task", "length", "depth", "score"]), {})
 
 
 @PROPERTY
@@ -231,11 +239,11 @@ def drift_logs(draw) -> list[dict]:
 @PROPERTY
 @given(drift_logs(), st.sampled_from([10, 20, 40]))
 def test_drift_windows_alerts_and_figure(rows, window) -> None:
-    config = drift.MonitorConfig(window=window, n_permutations=200)
+    config = monitor.MonitorConfig(window=window, n_permutations=200)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a log that fills only the baseline warns; it must not fail
-        mon = drift.monitor(rows, config)
-    drift.alert_lines(mon)
-    drift.worst(mon)
+        mon = monitor.monitor(rows, config)
+    monitor.alert_lines(mon)
+    monitor.worst(mon)
     _draw(plots.drift_windows(mon.windows, mon.config))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qkit.errors import QkitError
+from qkit.core.errors import QkitError
 from qkit.report import quiet, run_report
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
@@ -125,7 +125,7 @@ def test_unknown_kernel_is_an_error(tmp_path):
 
 
 def test_number_prefix_resolves(tmp_path):
-    from qkit.report import _resolve
+    from qkit.report.run import _resolve
 
     for name in ("01_first", "02_second"):
         shutil.copy(NOTEBOOKS / "fails.ipynb", tmp_path / f"{name}.ipynb")
@@ -147,7 +147,7 @@ def test_quiet_does_nothing_interactively(monkeypatch):
 def test_panel_is_a_widget_in_jupyterlab_and_a_note_in_a_report(monkeypatch):
     import ipywidgets as widgets
 
-    from qkit.report import panel
+    from qkit.studies.plots import panel
 
     seen = []
     monkeypatch.delenv("QKIT_REPORT", raising=False)

@@ -1,11 +1,11 @@
-"""qkit.sandbox: every status, the escape routes model-written code stumbles into, and HumanEval itself."""
+"""qkit.evaluation.sandbox: every status, the escape routes model-written code stumbles into, and HumanEval itself."""
 import resource
 import tempfile
 
 import pytest
 
-from qkit.errors import QkitError
-from qkit.sandbox import Limits, humaneval_program, run_many, run_program
+from qkit.core.errors import QkitError
+from qkit.evaluation.sandbox import Limits, humaneval_program, run_many, run_program
 
 FAST = Limits(timeout_s=2)
 

@@ -7,18 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qkit import plots, sensitivity as S, tasks
-from qkit.errors import QkitError
-from qkit.store import Store
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.evaluation import tasks
+from qkit.studies import plots
+from qkit.studies import task_sensitivity as S
 
 
-def _result(scores: dict[tuple[str, str], list[float]], methods=("m",)) -> S.SensitivityResult:
-    """A SensitivityResult from per-(method, task) item scores; item ids are positions."""
+def _result(scores: dict[tuple[str, str], list[float]], methods=("m",)) -> S.Result:
+    """A study result from per-(method, task) item scores; item ids are positions."""
     rows = [{"method": m, "task": t, "family": tasks.get_task(t).family, "id": str(i), "score": s, "output": f"o{s}"}
             for (m, t), values in scores.items() for i, s in enumerate(values)]
     task_names = list(dict.fromkeys(t for _, t in scores))
     kld = pd.DataFrame([{"method": m, "task": t, "kld_mean": 0.01} for m in methods for t in task_names])
-    return S.SensitivityResult(pd.DataFrame(rows), kld, {"methods": list(methods), "tasks": task_names})
+    return S.Result(S.PROFILES["quick"], pd.DataFrame(rows), kld, {"methods": list(methods), "tasks": task_names})
 
 
 def test_compare_scores_known_flips_difference_and_recovery() -> None:
@@ -129,13 +131,13 @@ def test_get_items_computes_only_what_is_missing_and_resumes(tmp_path) -> None:
 
 def test_bad_profile_and_method_fail_before_any_work() -> None:
     with pytest.raises(QkitError, match="unknown profile 'fast'.*quick, full"):
-        S.run("tiny", ["fp8_dynamic"], profile="fast")
+        S.config("fast")
     with pytest.raises(QkitError, match="unknown quantization method"):
-        S.run("tiny", ["fp9"])
+        S.run(S.config(model="tiny", methods=["fp9"]))
 
 
-TINY_PROFILE = S.Profile("test", limit=2, context_lengths=(256,), depths=(0.0, 1.0), per_cell=1, kld_tokens=256,
-                         max_gen_toks=8, batch_size=2)
+TINY_PROFILE = S.Config(max_items=2, context_lengths=(256,), depths=(0.0, 1.0), per_cell=1, kld_tokens=256,
+                        max_gen_toks=8, batch_size=2, model="tiny", methods=("fp8_dynamic",))
 
 
 def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, monkeypatch) -> None:
@@ -151,7 +153,7 @@ def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, mon
 
     monkeypatch.setattr(tasks, "evaluate", counting)
     names = ["qkit_arithmetic", "qkit_passkey"]
-    res = S.run("tiny", ["fp8_dynamic"], names, profile=TINY_PROFILE, store=store)
+    res = S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=names), store=store)
     assert len(calls) == 4  # baseline and fp8_dynamic, two tasks
     assert set(res.items["method"]) == {"baseline", "fp8_dynamic"} and len(res.items) == 8
     assert list(res.kld["task"]) == names and (res.kld["kld_mean"] >= 0).all()
@@ -162,15 +164,15 @@ def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, mon
     assert cached.mean() == pytest.approx(aggregate)
 
     calls.clear()
-    again = S.run("tiny", ["fp8_dynamic"], names, profile=TINY_PROFILE, store=store)
+    again = S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=names), store=store)
     assert calls == []
     pd.testing.assert_frame_equal(again.items, res.items)
 
-    S.run("tiny", ["fp8_dynamic", "w4a16_rtn"], names, profile=TINY_PROFILE, store=store)
+    S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic", "w4a16_rtn"], tasks=names), store=store)
     assert [c[0] for c in calls] == names  # only the new method ran; the baseline came from the cache
 
     calls.clear()
-    S.run("tiny", ["fp8_dynamic"], ["qkit_arithmetic"], profile=TINY_PROFILE, limit=3, store=store)
+    S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=["qkit_arithmetic"], limit=3), store=store)
     assert calls == [("qkit_arithmetic", (148,))] * 2  # 3 spread items: the 2 cached ends + the middle one
     with pytest.raises(QkitError, match="limit 3 is more than the 2 items of qkit_passkey"):
-        S.run("tiny", ["fp8_dynamic"], ["qkit_passkey"], profile=TINY_PROFILE, limit=3, store=store)
+        S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=["qkit_passkey"], limit=3), store=store)

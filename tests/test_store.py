@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from qkit.store import MANIFEST, Store, write_json_atomic
+from qkit.core.store import MANIFEST, Store, write_json_atomic
 
 
 @pytest.fixture

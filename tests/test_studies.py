@@ -1,15 +1,17 @@
 import pytest
 
-from qkit import studies
+from qkit.core.errors import QkitError
+from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec
-from qkit.methods import CalibSpec
+from qkit.quant import variants
+from qkit.studies import quantization_methods as studies
 
 SPEC = EvalSpec(n_tokens=1024, ctx=256)
 
 
 @pytest.fixture(scope="module")
 def rows(tiny):
-    return [studies.evaluate_method(tiny, m, calib=CalibSpec("prose", 8, 128), eval_spec=SPEC)
+    return [studies.evaluate(tiny, variants.from_method(tiny, m, calib=CalibSpec("prose", 8, 128)), SPEC)
             for m in ("fp8_dynamic", "w4a16_rtn")]
 
 
@@ -22,8 +24,9 @@ def test_rows_carry_cis_that_bracket_the_point(rows):
 
 
 def test_size_breakdown_accounts_for_every_byte_and_the_int4_weights(tiny, rows):
-    import pandas as pd
     from pathlib import Path
+
+    import pandas as pd
     from safetensors import safe_open
 
     df = pd.DataFrame(rows)
@@ -52,11 +55,30 @@ def test_results_table_and_methods_table(rows):
 def test_one_chunk_gives_the_estimates_without_a_ci(tiny) -> None:
     import math
 
-    from qkit import evaluation, methods
+    from qkit import evaluation
+    from qkit.quant import methods
 
     spec = EvalSpec(n_tokens=256, ctx=256)
-    r = studies.evaluate_method(tiny, "fp8_dynamic", eval_spec=spec)
+    r = studies.evaluate(tiny, variants.parse(tiny, "fp8_dynamic"), spec)
     direct = evaluation.compare(methods.load_quantized(methods.quantize(tiny, "fp8_dynamic")), tiny, spec)
     assert r["kld_mean"] == pytest.approx(direct["chunk_kld"][0])
     assert r["delta_nll"] == pytest.approx(direct["chunk_nll"][0] - direct["chunk_nll_base"][0])
     assert all(math.isnan(r[f"{m}_{end}"]) for m in ("kld_mean", "top1_pct", "delta_nll") for end in ("low", "high"))
+
+
+def test_a_checkpoint_directory_is_a_variant_beside_the_methods(tiny, tmp_path) -> None:
+    """A compressed-tensors checkpoint made outside the study (here: a copy of one) is evaluated like a
+    method, and gives the same numbers as the method whose files it holds."""
+    import shutil
+
+    from qkit.quant import methods
+
+    ckpt = methods.quantize(tiny, "fp8_dynamic")
+    mine = tmp_path / "my_checkpoint"
+    shutil.copytree(ckpt.path, mine)
+    theirs = studies.evaluate(tiny, variants.parse(tiny, str(mine)), SPEC)
+    ours = studies.evaluate(tiny, variants.parse(tiny, "fp8_dynamic"), SPEC)
+    assert theirs["method"] == str(mine) and theirs["format"] == "float-quantized"
+    assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"]) and theirs["size_mb"] == pytest.approx(ours["size_mb"])
+    with pytest.raises(QkitError, match="neither a quantization method nor a directory"):
+        variants.check("./no_such_checkpoint")

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from qkit import data, tasks
-from qkit.errors import QkitError
-from qkit.tasks import items, scoring
-
+from qkit import data
+from qkit.core.errors import QkitError
+from qkit.evaluation import tasks
+from qkit.evaluation.tasks import items, scoring
 
 # ------------------------------------------------------------------ data
 

@@ -1,0 +1,2 @@
+"""The `qkit` command."""
+from qkit.cli.main import main  # noqa: F401

@@ -1,0 +1,5 @@
+import sys
+
+from qkit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Core: errors, the content-addressed store, provenance."""

@@ -1,0 +1,194 @@
+"""Content-addressed cache for everything qkit computes: float model copies, quantized checkpoints,
+baseline logits and results.
+
+An entry is a directory `<root>/<kind>/<key>/` where `key` hashes the spec that produced it (model,
+method, recipe, calibration set, seed, ...) together with the versions of the libraries whose output it
+is. The entry is built in a temporary sibling directory and renamed into place only after a manifest
+with every file's size and sha256 has been written, so a crash leaves no entry that looks complete.
+A manifest that disagrees with the files (truncated copy, flipped bit, missing file) makes the entry
+invalid: it is removed and rebuilt, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qkit.core import provenance
+
+MANIFEST = "manifest.json"
+
+
+CACHE_ENV = "QKIT_CACHE"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "qkit"))
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see either the old file or the whole new one."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared and read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+
+    def key(self, kind: str, spec: dict) -> str:
+        # Library versions belong to the key: the same recipe under another llm-compressor is another result.
+        full = {"kind": kind, "spec": spec, "libraries": provenance.library_versions()}
+        return hashlib.sha256(canonical(full).encode()).hexdigest()[:20]
+
+    def path(self, kind: str, spec: dict) -> Path:
+        return self.root / kind / self.key(kind, spec)
+
+    def lookup(self, kind: str, spec: dict) -> Path | None:
+        """The entry's directory if it is complete and intact; a damaged entry is removed."""
+        path = self.path(kind, spec)
+        if not path.exists():
+            return None
+        if self.verify(path):
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+    # Hashing a 500 MB model costs about a second; an entry checked once in this process is not rehashed.
+    _verified: set[tuple[str, int]] = set()
+
+    @classmethod
+    def verify(cls, path: Path) -> bool:
+        try:
+            stamp = (str(path), (path / MANIFEST).stat().st_mtime_ns)
+        except OSError:
+            return False
+        if stamp in cls._verified:
+            return True
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError):
+            return False
+        present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+        if present != set(files):
+            return False
+        for rel, (size, digest) in files.items():
+            f = path / rel
+            if f.stat().st_size != size or _sha256(f) != digest:
+                return False
+        cls._verified.add(stamp)
+        return True
+
+    def get_dir(self, kind: str, spec: dict, build: Callable[[Path], dict | None]) -> Path:
+        """Return the entry for `spec`, calling `build(tmpdir)` to create it if it is missing or damaged.
+
+        `build` writes its files into the directory it is given and may return extra metadata, which is
+        kept in the manifest beside the spec and the provenance of the run that built it.
+        """
+        found = self.lookup(kind, spec)
+        if found is not None:
+            return found
+        final = self.path(kind, spec)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.building."))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache is shared by whoever can read its root
+        try:
+            started = time.time()
+            meta = build(tmp) or {}
+            files = {
+                str(p.relative_to(tmp)): (p.stat().st_size, _sha256(p))
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file() and p.name != MANIFEST
+            }
+            manifest = {
+                "kind": kind,
+                "key": final.name,
+                "spec": spec,
+                "meta": meta,
+                "build_seconds": round(time.time() - started, 3),
+                "provenance": provenance.collect(),
+                "files": files,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+            if final.exists():  # a damaged entry, or one another process finished meanwhile
+                if self.verify(final):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return final
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def get_json(self, kind: str, spec: dict, compute: Callable[[], Any]) -> Any:
+        """A JSON-serialisable result, computed once per spec."""
+        def build(tmp: Path) -> None:
+            write_json_atomic(tmp / "result.json", compute())
+
+        return json.loads((self.get_dir(kind, spec, build) / "result.json").read_text())
+
+    def get_items(self, kind: str, spec: dict, ids: Sequence[str],
+                  compute: Callable[[list[str]], dict[str, Any]], *, batch: int = 16) -> dict[str, Any]:
+        """Per-item results (e.g. one task item's score), kept in one JSON file per spec.
+
+        Only ids missing from the file are computed, `batch` at a time, and the file is rewritten
+        atomically after each batch: adding items or resuming an interrupted run computes only the rest.
+        An unreadable file is set aside as ``items.json.bad`` and its items recomputed.
+        """
+        path = self.path(kind, spec) / "items.json"
+        done: dict[str, Any] = {}
+        if path.exists():
+            try:
+                done = json.loads(path.read_text())["items"]
+            except (OSError, ValueError, KeyError, TypeError):
+                os.replace(path, path.with_suffix(".json.bad"))
+        missing = [i for i in dict.fromkeys(ids) if i not in done]
+        for start in range(0, len(missing), batch):
+            part = missing[start:start + batch]
+            new = compute(part)
+            absent = [i for i in part if i not in new]
+            if absent:
+                raise RuntimeError(f"{kind}: compute() returned no result for {absent[:3]}")
+            done.update({i: new[i] for i in part})
+            write_json_atomic(path, {"kind": kind, "spec": spec, "provenance": provenance.collect(), "items": done})
+        return {i: done[i] for i in ids}
+
+    @staticmethod
+    def manifest(path: Path) -> dict:
+        return json.loads((Path(path) / MANIFEST).read_text())

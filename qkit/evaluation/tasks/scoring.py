@@ -1,0 +1,86 @@
+"""Per-item scores: the ``process_results`` hooks of qkit's lm-eval tasks.
+
+Each hook returns one number per metric for one item; lm-eval averages them into the task's score, and
+qkit keeps the per-item numbers for paired bootstraps and flips.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from qkit.evaluation import sandbox
+
+# A number as people write answers: optional sign, thousands separators, decimals.
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_GSM8K_MARKERS = ("####", "answer is")
+HUMANEVAL_LIMITS = sandbox.Limits(timeout_s=10.0, memory_bytes=1 << 30)
+
+
+def normalize_number(text: str) -> str:
+    """'1,234.50' → '1234.5', '18.0' → '18', '-0' → '0'."""
+    text = text.replace(",", "").rstrip(".")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def final_number(text: str) -> str | None:
+    """GSM8K's answer in a generation: the number after "####" or "the answer is" if present, else the
+    last number in the text."""
+    lower = text.lower()
+    for marker in _GSM8K_MARKERS:
+        if marker in lower:
+            found = _NUMBER.findall(text[lower.rindex(marker):])
+            if found:
+                return normalize_number(found[0])
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def first_number(text: str) -> str | None:
+    """BIG-bench arithmetic and passkey answers: the first number in the generation."""
+    found = _NUMBER.search(text)
+    return normalize_number(found.group()) if found else None
+
+
+def gsm8k(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"exact_match": float(final_number(results[0]) == normalize_number(doc["answer"]))}
+
+
+def arithmetic(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"exact_match": float(first_number(results[0]) == normalize_number(doc["answer"]))}
+
+
+def passkey(doc: dict, results: list[str]) -> dict[str, float]:
+    return {"exact_match": float(first_number(results[0]) == doc["answer"])}
+
+
+def humaneval(doc: dict, results: list[str]) -> dict[str, float]:
+    """pass@1 of a greedy completion, run in qkit's sandbox (the reason the YAML sets unsafe_code)."""
+    outcome = sandbox.run_program(sandbox.humaneval_program(doc, results[0]), HUMANEVAL_LIMITS)
+    return {"pass@1": float(outcome.passed)}
+
+
+@functools.cache
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+def rouge(reference: str, prediction: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures in [0, 1] (Google's rouge-score, Porter stemming, as BIG-bench uses)."""
+    scores = _rouge().score(reference, prediction)
+    return {name: s.fmeasure for name, s in scores.items()}
+
+
+def xsum(doc: dict, results: list[str]) -> dict[str, float]:
+    return rouge(doc["summary"], results[0].strip())
+
+
+def xsum_ll(doc: dict, results: list[tuple[float, bool]]) -> dict[str, float]:
+    """Negative log-likelihood of the reference summary per UTF-8 byte (nats): per byte, so that
+    tokenizers of different granularity compare."""
+    ll, _ = results[0]
+    return {"nll_per_byte": -ll / len((" " + doc["summary"]).encode("utf-8"))}

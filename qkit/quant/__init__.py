@@ -1,0 +1,1 @@
+"""Quantization: the method registry, checkpoints in the store, and the backends that build them."""

@@ -1,0 +1,1 @@
+"""Backends that build checkpoints besides llm-compressor: GPTQModel and GGUF."""

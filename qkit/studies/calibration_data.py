@@ -1,0 +1,324 @@
+"""The calibration-data study: quantize with every calibration set of a grid (source x samples x length x
+seed) and evaluate each checkpoint on every domain's held-out text. The diagnostics of a set before
+quantizing are :mod:`qkit.data.diagnostics`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qkit import data, evaluation, models
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.data import diagnostics
+from qkit.evaluation import EvalSpec
+from qkit.quant import methods, registry, variants
+from qkit.studies import cells, contract, plots
+from qkit.studies import quantization_methods as studies
+from qkit.studies.contract import Summary
+
+
+@dataclass(frozen=True)
+class Config:
+    """A sweep along three axes through one center point, each point at every seed and method:
+    sources at ``center`` (samples, seq_len); sample counts and sequence lengths for ``curve_source``.
+    ``workers`` (None: :func:`qkit.studies.cells.default_workers`) changes only where cells run."""
+
+    methods: tuple[str, ...]
+    sources: tuple[str, ...]
+    samples: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    seeds: tuple[int, ...]
+    center: tuple[int, int]
+    curve_source: str = "prose"
+    eval_tokens: int = 4096
+    ctx: int = 512
+    model: str = models.DEFAULT_MODEL
+    workers: int | None = None
+    trust_remote_code: bool = False
+
+    def configs(self) -> list[data.CalibSpec]:
+        """The calibration sets to quantize with, each once, in a fixed order."""
+        n0, len0 = self.center
+        points = ([(s, n0, len0) for s in self.sources] + [(self.curve_source, n, len0) for n in self.samples]
+                  + [(self.curve_source, n0, length) for length in self.seq_lens])
+        return [data.CalibSpec(s, n, length, seed) for s, n, length in dict.fromkeys(points) for seed in self.seeds]
+
+
+PROFILES = {
+    # GPTQ and AWQ, tiny sets, two seeds, 512 held-out tokens per domain. Cold on SmolLM2 with 2 idle cores
+    # and 2 workers: 14 min 11 s, of which oneshot ~10 min and evaluation ~4 s a domain per checkpoint.
+    # Measured per run there (one thread): GPTQ ~50 s whatever the set's size (a per-column loop over 30
+    # layers); AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128). So the
+    # curves step down from the center, where they are cheap; `full` steps up.
+    "quick": Config(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code"),
+                  samples=(2, 4), seq_lens=(64, 128), seeds=(0, 1), center=(4, 128), eval_tokens=512, ctx=256),
+    # The issue's grid: for a GPU or a long night.
+    "full": Config(methods=("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static"),
+                 sources=("prose", "chat", "code", "random", "mixed"), samples=(8, 32, 128, 512),
+                 seq_lens=(128, 512, 2048), seeds=(0, 1, 2), center=(128, 512), eval_tokens=8192),
+}
+
+
+CALIBRATED = ("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static", "nvfp4")
+
+
+def config(profile: str | Config = "quick", **overrides) -> Config:
+    """A profile's config with the overrides that are not None (lists become tuples)."""
+    return contract.config(PROFILES, profile, **overrides)
+
+
+def check_grid(grid: Config, max_len: int) -> None:
+    """Bad grids fail here, before any quantization."""
+
+    for name in grid.methods:
+        registry.get_method(name)
+    if not any(registry.get_method(m).needs_calibration for m in grid.methods):
+        raise QkitError(f"none of {', '.join(grid.methods)} uses calibration data, so the sweep would show nothing",
+                        f"include a calibration-dependent method: {', '.join(CALIBRATED)}")
+    for spec in grid.configs():  # unknown sources, non-positive sizes
+        data.check_seq_len(spec.seq_len, max_len)
+    if grid.curve_source not in grid.sources:
+        raise QkitError(f"curve_source {grid.curve_source!r} is not among the sources {grid.sources}",
+                        "add it to the sources")
+
+
+def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Result:
+    """Quantize with every calibration set of the grid and evaluate each checkpoint on every domain's
+    held-out text: one row per (method, calibration set, eval domain). Every step is cached, so a larger
+    grid computes only its new cells; missing cells run in ``config.workers`` processes."""
+    store = store or Store()
+    loaded = models.resolve_model(config.model, store=store, trust_remote_code=config.trust_remote_code)
+    check_grid(config, loaded.info["max_length"])
+    # Too many samples for a source fails on the first config that asks; check the largest first.
+    for source in config.sources:
+        largest = max((c for c in config.configs() if c.name == source), key=lambda c: c.n_samples * c.seq_len)
+        data.calibration_rows(largest.name, largest.n_samples, largest.seq_len, largest.seed,
+                              tokenizer=loaded.tokenizer)
+    n0, len0 = config.center
+    sets = {s: diagnostics.inspect(s, n0, len0, tokenizer=loaded.tokenizer, methods=config.methods)
+            for s in config.sources}
+    evals = [EvalSpec(domain=d, n_tokens=config.eval_tokens, ctx=config.ctx) for d in data.EVAL_DOMAINS]
+    all_cells = [(m, c) for m in config.methods for c in config.configs() if registry.get_method(m).needs_calibration]
+    missing = [(m, c) for m, c in all_cells if any(
+        store.lookup("evaluation", studies.evaluation_spec(store.key("checkpoint", methods.checkpoint_spec(
+            loaded, m, c)), e)) is None for e in evals)]
+    workers = cells.default_workers() if config.workers is None else config.workers
+    if workers > 1 and len(missing) > 1:
+        for spec in evals:  # once, here, rather than raced for by the workers
+            evaluation.baseline(loaded, spec, store)
+        cells.run_in_workers(_worker_cell, [(m, c, evals) for m, c in missing], min(workers, len(missing)),
+                             init=_worker_init, init_args=(config.model, str(store.root), config.trust_remote_code),
+                             desc="calibration sweep")
+    rows = []
+    for method, calib in tqdm(all_cells, desc="calibration sweep", unit="checkpoint", disable=not missing):
+        rows.extend(_cell(loaded, method, calib, evals, store))
+    df = pd.DataFrame(rows)
+    df.attrs.update(model=loaded.info, grid=asdict(config))
+    return Result(config, df, sets)
+
+
+def _cell(loaded, method: str, calib: data.CalibSpec, evals, store) -> list[dict]:
+    """One checkpoint on every eval text, its model loaded once and only if some evaluation is missing."""
+
+    variant = variants.from_method(loaded, method, calib=calib, store=store)
+    rows = []
+    for spec in evals:
+        r = studies.evaluate(loaded, variant, spec, store=store, seed=calib.seed)
+        rows.append({"method": method, "source": calib.name, "n_samples": calib.n_samples,
+                     "seq_len": calib.seq_len, "seed": calib.seed, "eval_domain": spec.domain,
+                     "in_domain": calib.name == spec.domain, "kld_mean": r["kld_mean"],
+                     "ppl_quant": r["ppl_quant"], "ppl_base": r["ppl_base"], "top1_pct": r["top1_pct"],
+                     "quant_seconds": r["quant_seconds"], "peak_rss_mb": r["quant_peak_rss_mb"],
+                     "rss_growth_mb": r["quant_rss_growth_mb"], "checkpoint": r["checkpoint"]})
+    return rows
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model: str, root: str, trust_remote_code: bool) -> None:
+    torch.set_num_threads(1)
+    store = Store(root)
+    _WORKER.update(store=store, loaded=models.resolve_model(model, store=store, trust_remote_code=trust_remote_code))
+
+
+def _worker_cell(method: str, calib: data.CalibSpec, evals) -> None:
+    _cell(_WORKER["loaded"], method, calib, evals, _WORKER["store"])
+
+
+METRICS = {"kld_mean": "mean KLD to baseline (nats)", "ppl_quant": "perplexity", "top1_pct": "top-1 agreement (%)"}
+
+
+def _center(df):
+    n0, len0 = df.attrs["grid"]["center"]
+    return df[(df["n_samples"] == n0) & (df["seq_len"] == len0)]
+
+
+def source_matrix(df, method: str, metric: str = "kld_mean"):
+    """Calibration source x eval domain at the grid's center: (mean over seeds, seed-to-seed range)."""
+    d = _center(df)
+    d = d[d["method"] == method]
+    g = d.groupby(["source", "eval_domain"])[metric]
+    order = [s for s in df.attrs["grid"]["sources"] if s in set(d["source"])]
+    mean = g.mean().unstack().reindex(order)
+    spread = (g.max() - g.min()).unstack().reindex(order)
+    return mean, spread
+
+
+def curve(df, method: str, axis: str, metric: str = "kld_mean"):
+    """Quality against `axis` ("n_samples" or "seq_len") for the curve source, the other size at the center:
+    one row per (axis value, eval domain) with the mean, std and range over seeds."""
+    grid = df.attrs["grid"]
+    n0, len0 = grid["center"]
+    other, fixed = ("seq_len", len0) if axis == "n_samples" else ("n_samples", n0)
+    d = df[(df["method"] == method) & (df["source"] == grid["curve_source"]) & (df[other] == fixed)]
+    g = d.groupby([axis, "eval_domain"])[metric]
+    out = g.agg(["mean", "std", "min", "max", "count"]).reset_index()
+    out["range"] = out["max"] - out["min"]
+    return out
+
+
+def _differ(a_mean: float, a_range: float, b_mean: float, b_range: float) -> bool:
+    """A difference counts only when it is larger than the seed-to-seed range of either cell."""
+    return abs(a_mean - b_mean) > max(a_range, b_range)
+
+
+def findings(df, metric: str = "kld_mean") -> list[str]:
+    """What the sweep shows per method, worded by the seed-to-seed spread."""
+    grid = df.attrs["grid"]
+    lines = []
+    for method in dict.fromkeys(df["method"]):
+        mean, spread = source_matrix(df, method, metric)
+        parts = []
+        for domain in mean.columns:
+            if domain not in mean.index:
+                continue
+            col, rng = mean[domain].dropna(), spread[domain]
+            others = col.drop(domain)
+            if others.empty:  # one source in the grid: nothing to compare in-domain calibration with
+                continue
+            best_other = others.idxmin()
+            if _differ(col[domain], rng[domain], others[best_other], rng[best_other]):
+                better = "better" if col[domain] < others[best_other] else "worse"
+                parts.append(f"on {domain} text, in-domain calibration is {better} than the best other source "
+                             f"({best_other}): KLD {col[domain]:.3g} against {others[best_other]:.3g}")
+            else:
+                parts.append(f"on {domain} text, in-domain ({col[domain]:.3g}) and {best_other} "
+                             f"({others[best_other]:.3g}) calibration differ by less than the seed-to-seed "
+                             "spread: no difference")
+        for axis, label in (("n_samples", "samples"), ("seq_len", "tokens per sample")):
+            c = curve(df, method, axis, metric)
+            c = c[c["eval_domain"] == grid["curve_source"]] if grid["curve_source"] in set(c["eval_domain"]) else c
+            if c[axis].nunique() < 2:
+                continue
+            lo, hi = c.loc[c[axis].idxmin()], c.loc[c[axis].idxmax()]
+            if _differ(lo["mean"], lo["range"], hi["mean"], hi["range"]):
+                trend = "lowers" if hi["mean"] < lo["mean"] else "raises"
+                parts.append(f"going from {lo[axis]:.0f} to {hi[axis]:.0f} {label} {trend} KLD "
+                             f"{lo['mean']:.3g} → {hi['mean']:.3g}")
+            else:
+                parts.append(f"{lo[axis]:.0f} and {hi[axis]:.0f} {label} give KLD {lo['mean']:.3g} and "
+                             f"{hi['mean']:.3g}, within the seed-to-seed spread: no difference")
+        lines.append(f"**{method}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+def cost_table(df):
+    """Calibration time and memory per checkpoint (one row per method and calibration set)."""
+    cols = ["method", "source", "n_samples", "seq_len", "seed", "quant_seconds", "peak_rss_mb", "rss_growth_mb"]
+    return df[cols].drop_duplicates(["method", "source", "n_samples", "seq_len", "seed"]).reset_index(drop=True)
+
+
+def provenance(df):
+    """Where each checkpoint of the sweep came from (its calibration set, versions, commit, hardware)."""
+    return studies.provenance_table(df.drop_duplicates("checkpoint"))
+
+
+@dataclass
+class Result:
+    config: Config
+    rows: pd.DataFrame  # one row per (method, calibration set, eval domain)
+    sets: dict[str, diagnostics.Diagnostics]  # what each source's set at the center holds
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"calibration sets": pd.DataFrame({s: d.summary() for s, d in self.sets.items()}).round(2),
+                "results": self.rows, "cost": cost_table(self.rows).round(1)}
+
+    def warnings(self) -> list[str]:
+        """What the diagnostics say about each source's set, before any quantization."""
+        return [f"**{s}**: {w}" for s, d in self.sets.items() for w in d.warnings]
+
+    def findings(self) -> list[str]:
+        return findings(self.rows)
+
+    def figures(self) -> plots.Figures:
+        df, grid = self.rows, self.config
+        methods_ = list(dict.fromkeys(df["method"]))
+
+        def heatmaps(metric: str):
+            return lambda: plots.source_heatmaps({m: source_matrix(df, m, metric) for m in methods_},
+                                                 METRICS[metric], higher_is_better=metric == "top1_pct")
+
+        return plots.Figures({
+            "segment lengths": lambda: plots.segment_histograms(self.sets),
+            "KLD by source": heatmaps("kld_mean"), "top-1 by source": heatmaps("top1_pct"),
+            "curves": lambda: curves_figure(df, methods_, "kld_mean", grid.curve_source),
+            "cost": lambda: plots.calibration_cost(cost_table(df)),
+        })
+
+    def explorer(self):
+        """An ipywidgets panel to slice the sweep in JupyterLab: method, metric and eval domain."""
+        import ipywidgets as widgets
+        from IPython.display import display
+
+        df = self.rows
+        method = widgets.Dropdown(options=list(dict.fromkeys(df["method"])), description="method")
+        metric = widgets.Dropdown(options=[(v, k) for k, v in METRICS.items()], description="metric")
+        domain = widgets.Dropdown(options=sorted(set(df["eval_domain"])), description="eval text")
+
+        def show(method: str, metric: str, domain: str) -> None:
+            display(plots.source_heatmaps({method: source_matrix(df, method, metric)}, METRICS[metric],
+                                          higher_is_better=metric == "top1_pct"))
+            display(curves_figure(df, [method], metric, domain))
+            plt.close("all")
+
+        return plots.panel(show, method=method, metric=metric, domain=domain)
+
+    def provenance(self) -> pd.DataFrame:
+        return provenance(self.rows)
+
+    def summary(self) -> Summary:
+        resolved = [f for f in self.findings() if "calibration is better" in f or "lowers KLD" in f]
+        parts = []
+        for method in dict.fromkeys(self.rows["method"]):
+            mean, spread = source_matrix(self.rows, method)
+            wins = sum(in_domain_better(mean, spread, d) for d in mean.columns if d in mean.index)
+            parts.append(f"{method}: in-domain calibration better on {wins} of {len(mean.columns)} texts")
+        return Summary("calibration data", "; ".join(parts), None, "ok" if resolved else "no effect resolved",
+                       "KLD by source")
+
+
+def in_domain_better(mean: pd.DataFrame, spread: pd.DataFrame, domain: str) -> bool:
+    """Whether calibrating on `domain` beats every other source on `domain` text by more than the
+    seed-to-seed spread."""
+    col = mean[domain].dropna()
+    others = col.drop(domain)
+    if others.empty:
+        return False
+    best = others.idxmin()
+    return col[domain] < others[best] and _differ(col[domain], spread[domain][domain], others[best],
+                                                   spread[domain][best])
+
+
+def curves_figure(df: pd.DataFrame, methods_: list[str], metric: str, domain: str):
+    """Quality against calibration samples and tokens per sample for the curve source, on one eval text."""
+    grid = df.attrs["grid"]
+    n0, len0 = grid["center"]
+    curves = {m: {axis: (c := curve(df, m, axis, metric))[c["eval_domain"] == domain]
+                  for axis in ("n_samples", "seq_len")} for m in methods_}
+    return plots.size_curves(curves, METRICS[metric], f"{grid['curve_source']} calibration, evaluated on {domain} "
+                             f"text (other size fixed at {n0} samples / {len0} tokens)")
