@@ -7,6 +7,7 @@ import pytest
 from qkit import cli
 from qkit.core.errors import QkitError
 from qkit.plan import hardware, memory
+from qkit.quant.formats import WEIGHT_FORMATS
 
 
 @pytest.mark.parametrize("gpu, precision, method", [
@@ -30,7 +31,7 @@ def test_every_recommended_method_is_in_the_registry():
     for rule in hardware.rules():
         for name in rule.methods:
             get_method(name)
-        assert rule.precision in memory.WEIGHT_BITS and rule.alternative in memory.WEIGHT_BITS
+        assert rule.precision in WEIGHT_FORMATS and rule.alternative in WEIGHT_FORMATS
 
 
 def test_native_kernels_follow_the_capability_thresholds():

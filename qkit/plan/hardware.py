@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from qkit.core.errors import QkitError
 from qkit.plan import kv, memory
 from qkit.plan.memory import GB, ModelShape
+from qkit.quant.formats import WEIGHT_FORMATS
 from qkit.quant.registry import FP4_GPUS, FP8_GPUS, INT4_GPUS, INT8_GPUS, Hardware
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 # What the table shows a chip runs natively, by the registry's thresholds.
 KERNELS: dict[str, Hardware] = {"FP8": FP8_GPUS, "INT8": INT8_GPUS, "Marlin INT4": INT4_GPUS, "FP4": FP4_GPUS}
 DEFAULT_PLAN_MODEL = "llama-3.1-8b"  # what `qkit advise` plans for when told no model
-PRECISIONS = ("bf16", "fp8", "int8", "int4", "nvfp4", "gguf_q8_0", "gguf_q4_k_m")
+PRECISIONS = tuple(WEIGHT_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def memory_table(n_params: float, shape: ModelShape | None = None, context: int 
     for p in precisions:
         weights = memory.weight_bytes(n_params, p) / GB
         total = weights + (kv_gb or 0.0)
-        rows.append({"precision": p, "bits per weight": memory.WEIGHT_BITS[p], "weights GB": weights,
+        rows.append({"precision": p, "bits per weight": WEIGHT_FORMATS[p].bits, "weights GB": weights,
                      "KV cache GB": kv_gb, "total GB": total,
                      "fits": None if device_gb is None else total <= device_gb,
                      "room for KV GB": None if device_gb is None else device_gb - weights})

@@ -14,25 +14,9 @@ from typing import Any
 
 from qkit.core.errors import QkitError
 from qkit.quant.artifacts import checkpoint_tensors
+from qkit.quant.formats import WEIGHT_FORMATS
 
 GB = 1e9  # memory figures are decimal GB, as GPU vendors quote them (an "80 GB" H100)
-
-# Bits per weight of each storage precision, scales included: INT4 and FP8/INT8 with one BF16 (or FP32)
-# scale per group of 128 or per output channel, NVFP4 with one FP8 scale per 16 weights plus a tensor
-# scale. Rows are what llm-compressor's schemes store; the per-channel scales are < 0.1% and are left out.
-WEIGHT_BITS: dict[str, float] = {
-    "bf16": 16.0,
-    "fp8": 8.0,
-    "int8": 8.0,
-    "int4": 4.0 + 16 / 128,  # W4A16, group 128, BF16 scale
-    "nvfp4": 4.0 + 8 / 16,   # E2M1 values, E4M3 scale per 16
-    # GGUF blocks: Q8_0 stores 32 int8 values and one FP16 scale (34 bytes per 32 weights). Q4_K_M mixes
-    # Q4_K super-blocks (4.5 bits) with Q6_K (6.5625) for attn_v and half of ffn_down; llama.cpp's quantize
-    # table gives about 4.85 bits for Llama models, which is an average, not an exact figure.
-    "gguf_q8_0": 8.5,
-    "gguf_q4_k_m": 4.85,
-}
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -125,7 +109,7 @@ def parse_size(text: str | float | int) -> float:
 
 
 def weight_bytes(n_params: float, precision: str) -> float:
-    """Bytes of a model's weights stored at `precision` (see :data:`WEIGHT_BITS`)."""
-    if precision not in WEIGHT_BITS:
-        raise QkitError(f"unknown weight precision {precision!r}", f"use one of {', '.join(WEIGHT_BITS)}")
-    return n_params * WEIGHT_BITS[precision] / 8
+    """Bytes of a model's weights stored at `precision` (see :data:`qkit.quant.formats.WEIGHT_FORMATS`)."""
+    if precision not in WEIGHT_FORMATS:
+        raise QkitError(f"unknown weight precision {precision!r}", f"use one of {', '.join(WEIGHT_FORMATS)}")
+    return n_params * WEIGHT_FORMATS[precision].bits / 8

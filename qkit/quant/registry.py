@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from qkit.core.errors import QkitError
-from qkit.quant.formats import BLOCK_TYPES, FILE_TYPES
+from qkit.quant.formats import BLOCK_TYPES, FILE_TYPES, label_of_saved
 
 # lm_head stays in float everywhere, as in llm-compressor's examples: the output projection is the layer
 # most sensitive to rounding, and small models tie it to the embeddings.
@@ -67,8 +67,7 @@ class Method:
     @property
     def weight_format(self) -> str:
         """The weights' number format in the words of the seed's hardware table."""
-        return {"float-quantized": "FP8", "int-quantized": "INT8", "pack-quantized": "INT4", "gptq": "INT4",
-                "nvfp4-pack-quantized": "NVFP4"}.get(self.expected_format, self.expected_format.upper())
+        return label_of_saved(self.expected_format)
 
 
 def _quantize_step(modifier: str, scheme: str) -> dict[str, dict[str, Any]]:

@@ -17,9 +17,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 import qkit
-
-# The seed's rule-of-thumb reductions against BF16, shown beside what was measured.
-SEED_REDUCTION = {"FP8": 2.0, "INT8": 2.0, "INT4": 4.0, "NVFP4": 3.3}
+from qkit.quant.formats import rule_of_thumb
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -151,7 +149,8 @@ def memory_reduction(df: pd.DataFrame) -> Figure:
     d = _ok(df).dropna(subset=["reduction_vs_bf16"])
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(d))
-    seed = [SEED_REDUCTION.get(f, np.nan) for f in d["weight_format"]]
+    labels = d["weight_format"] if "weight_format" in d else [None] * len(d)  # a directory has no method
+    seed = [rule_of_thumb(f) or np.nan for f in labels]
     ax.bar(x - 0.2, d["reduction_vs_bf16"], width=0.4, label="measured (whole checkpoint)")
     ax.bar(x + 0.2, seed, width=0.4, label="seed's figure (weights only)", color="tab:gray", alpha=0.6)
     ax.set_xticks(x, d["method"], rotation=30, ha="right")

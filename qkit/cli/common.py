@@ -1,0 +1,65 @@
+"""What the command groups share: model and calibration arguments, parsing, and printing as text."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import yaml
+
+from qkit import DEFAULT_MODEL
+from qkit.core.errors import QkitError
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name, local directory, .gguf file or Hugging Face id (default {DEFAULT_MODEL})")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model's own Python code to run (off by default)")
+
+
+def calib_args(p: argparse.ArgumentParser) -> None:
+    from qkit.data import CalibSpec
+
+    d = CalibSpec()
+    p.add_argument("--calib", default=d.name, help=f"calibration set (default {d.name})")
+    p.add_argument("--samples", type=int, default=d.n_samples, help=f"calibration samples (default {d.n_samples})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sample (default {d.seq_len})")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def calib(args: argparse.Namespace):
+    from qkit.data import CalibSpec
+
+    return CalibSpec(args.calib, args.samples, args.seq_len, args.seed)
+
+
+def param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    # YAML so that numbers, booleans and lists ("[fp8_dynamic, w4a16_gptq]") arrive typed.
+    return key, yaml.safe_load(value)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in [list(header), *rows]) for i in range(len(header))]
+    for r in [list(header), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise QkitError(f"expected comma-separated whole numbers, got {text!r}", "write e.g. 4096,32768") from None
+
+
+def print_result(result) -> int:
+    """A study's tables and findings as text: what its notebook shows, without the figures."""
+    for name, table in result.tables().items():
+        print(f"== {name}")
+        print(table.to_string() if len(table) else "(empty)")
+        print()
+    print("\n".join(line.replace("**", "") for line in result.findings()))
+    return 0

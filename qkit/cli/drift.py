@@ -1,0 +1,96 @@
+"""`qkit drift check` and `qkit drift replay`: drift monitoring of a deployment's request log."""
+from __future__ import annotations
+
+import argparse
+
+from qkit import DEFAULT_MODEL
+from qkit.cli import common
+
+
+def cmd_drift_check(args: argparse.Namespace) -> int:
+    import math
+
+    from qkit import models
+    from qkit.data import request_log
+    from qkit.evaluation import monitor, served
+    from qkit.quant import variants
+    from qkit.studies import drift_monitoring as drift
+
+    config = monitor.MonitorConfig(window=args.window)  # bad input fails before a model loads
+    request_log.check_log(args.log)
+    scoring = served.DriftConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    reference = models.resolve_model(args.reference, trust_remote_code=args.trust_remote_code)
+    deployment = variants.parse(reference, args.quantized)
+    state = drift.update(args.log, reference, deployment, scoring)
+    mon = monitor.monitor(state.results, config)
+
+    def pct(x: float) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+    rows = []
+    for _, w in mon.windows.iterrows():
+        acc = (f"{pct(w['acc_ref'])}/{pct(w['acc_quant'])}" if "acc_ref" in w and not math.isnan(w["acc_ref"])
+               else "-")
+        rows.append((w["window"], f"{w['first_line']}-{w['last_line']}", w["n"], f"{w['kld']:.3g}",
+                     "baseline" if w["baseline"] else f"{w['kld_ratio']:.2f}", pct(w["top1"]), pct(w["served_top1"]),
+                     f"{w['ref_logprob']:.3f}", pct(w["tail_share"]), acc, "ALERT" if w["alert"] else ""))
+    print(f"{args.log}: {len(state.results)} requests, {deployment.label} against {args.reference}, windows of "
+          f"{config.window}")
+    common.print_table(("window", "lines", "n", "KLD", "xbase", "top1%", "served%", "ref_lp", "tail%", "acc ref/q%",
+                  "alert"), rows)
+    if state.malformed:
+        print(f"{len(state.malformed)} malformed line(s) skipped (first: line {state.malformed[0][0]})")
+    if state.skipped_empty:
+        print(f"{state.skipped_empty} request(s) with an empty completion skipped")
+    n_cut = sum(r["truncated"] for r in state.results)
+    if n_cut:
+        print(f"{n_cut} request(s) longer than the context: their prompts were cut from the left")
+    for line in monitor.alert_lines(mon):
+        print(line)
+    alerts = args.alerts or drift.state_path_for(args.log, reference, deployment, scoring).with_name("alerts.json")
+    drift.write_alerts(mon, state, alerts)
+    print(f"alerts: {alerts}")
+    return 1 if mon.alerts else 0
+
+
+def cmd_drift_replay(args: argparse.Namespace) -> int:
+    from qkit import models
+    from qkit.data import request_log
+    from qkit.studies import drift_monitoring as drift
+
+    if args.prompts:
+        request_log.check_log(args.prompts)
+    reference = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    out = drift.replay(reference, args.method, args.prompts, args.out, switch_to=args.switch_to,
+                       switch_at=args.switch_at, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(out)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    drift = sub.add_parser("drift", help="monitor a quantized deployment's drift from its reference on logged "
+                                         "traffic").add_subparsers(dest="drift_command", required=True, metavar="COMMAND")
+    p = drift.add_parser("check", help="measure a request log's new lines, print a table per window; exit 1 on an alert")
+    p.add_argument("--log", required=True, help="JSONL request log (fields: see qkit.data.request_log)")
+    p.add_argument("--reference", default=DEFAULT_MODEL, help=f"the unquantized model (default {DEFAULT_MODEL})")
+    p.add_argument("--quantized", required=True, metavar="METHOD|DIR",
+                   help="the deployed model: a method from `qkit methods` or a model directory")
+    p.add_argument("--window", default="50", help="requests per window, or a duration such as 30m, 6h (default 50)")
+    p.add_argument("--alerts", default=None, help="where to write the alerts as JSON (default: beside the state "
+                                                   "in the store)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="greedy answer length for checkable requests and missing completions (default 32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    p.set_defaults(func=cmd_drift_check)
+    p = drift.add_parser("replay", help="write a request log by serving a prompts file with a method's checkpoint")
+    common.model_args(p)
+    p.add_argument("--method", required=True, metavar="METHOD|DIR", help="what serves the prompts")
+    p.add_argument("--prompts", default=None, help="JSONL prompts (the log format; default: qkit's 64 sample "
+                                                    "prompts in four tags)")
+    p.add_argument("--switch-to", default=None, metavar="METHOD|DIR", help="what serves from --switch-at on")
+    p.add_argument("--switch-at", type=int, default=None, help="first request served by --switch-to (default: half)")
+    p.add_argument("--out", default="drift_log.jsonl", help="the log to write (default drift_log.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer, greedy (default 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.set_defaults(func=cmd_drift_replay)
