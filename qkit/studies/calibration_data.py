@@ -164,8 +164,10 @@ def source_matrix(df, method: str, metric: str = "kld_mean"):
     d = d[d["method"] == method]
     g = d.groupby(["source", "eval_domain"])[metric]
     order = [s for s in df.attrs["grid"]["sources"] if s in set(d["source"])]
-    mean = g.mean().unstack().reindex(order)
-    spread = (g.max() - g.min()).unstack().reindex(order)
+    # Eval texts in the sources' order where they share names, so that in-domain cells run down the diagonal.
+    texts = sorted(set(d["eval_domain"]), key=lambda t: (order.index(t) if t in order else len(order), t))
+    mean = g.mean().unstack().reindex(index=order, columns=texts)
+    spread = (g.max() - g.min()).unstack().reindex(index=order, columns=texts)
     return mean, spread
 
 
