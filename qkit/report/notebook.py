@@ -64,6 +64,6 @@ def publish(result: Any) -> None:
     summary = result.summary().as_dict()
     if summary.get("figure"):
         png = Path(target).with_suffix(".png")
-        result.figures()[summary["figure"]].savefig(png, dpi=72, bbox_inches="tight")
+        result.figures()[summary["figure"]].savefig(png, dpi=90, bbox_inches="tight")
         summary["figure"] = png.name
     write_json_atomic(Path(target), summary)
