@@ -27,7 +27,9 @@ QUIET_ENV = {
 
 
 def quiet() -> None:
-    """Silence warnings, library logging and progress bars when the notebook runs under `qkit report`.
+    """Silence warnings, library logging and progress bars when the notebook runs under `qkit report`, and
+    let table cells show their whole text (an HTML cell wraps; pandas would cut it at 50 characters, as it
+    did the library versions of the provenance tables).
 
     Call it in a notebook's first code cell. Interactively (no `QKIT_REPORT=1`) it changes nothing, so
     progress bars stay on in JupyterLab.
@@ -36,8 +38,10 @@ def quiet() -> None:
         return
     from functools import partialmethod
 
+    import pandas as pd
     from tqdm import notebook
 
+    pd.set_option("display.max_colwidth", None)
     os.environ.update(QUIET_ENV)  # for a kernel started by something other than run_report
     warnings.filterwarnings("ignore")
     # Effective whether or not the library is imported yet: each configures its logger from the
