@@ -109,9 +109,11 @@ class Result:
 
     def summary(self) -> Summary:
         fam = family_table(self, self.config.seed)
-        losses = fam[fam["diff_high"] < 0] if len(fam) else fam
+        # As the findings: a CI on fewer than MIN_ITEMS items is no ground for a claim.
+        losses = fam[(fam["diff_high"] < 0) & (fam["n"] >= MIN_ITEMS)] if len(fam) else fam
         worst = losses.sort_values("diff").iloc[0] if len(losses) else None
-        headline = (f"{len(losses)} of {len(fam)} (method, family) pairs lose with a CI that excludes zero"
+        headline = (f"{len(losses)} of {len(fam)} (method, family) pairs lose with a CI that excludes zero on "
+                    f"{MIN_ITEMS}+ items"
                     + (f"; the largest: {worst['method']} on {worst['family']} "
                        f"({100 * worst['diff']:+.1f} pp)" if worst is not None else ""))
         return Summary("task sensitivity", headline, None, "ok" if len(losses) else "no effect resolved",
