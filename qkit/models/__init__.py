@@ -4,7 +4,6 @@ from qkit.models.builtin import BUILTINS, RECIPE_VERSIONS, SMOLLM2_SOURCE, TINY_
 from qkit.models.hf import bf16_bytes, load_tokenizer, max_length, n_params  # noqa: F401
 from qkit.models.loader import (  # noqa: F401
     DEFAULT_MODEL,
-    Lazy,
     LoadedModel,
     fingerprint,
     load_pretrained,

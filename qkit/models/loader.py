@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,18 +50,6 @@ class LoadedModel:
     spec: str
     path: Path
     info: dict
-
-
-class Lazy:
-    """A model loaded on first use only, so that a run whose results are all cached loads nothing."""
-
-    def __init__(self, load: Callable[[], Any]) -> None:
-        self._load, self._model = load, None
-
-    def __call__(self) -> Any:
-        if self._model is None:
-            self._model = self._load()
-        return self._model
 
 
 def _file_digest(path: Path) -> str:

@@ -41,10 +41,6 @@ class Variant:
             self._model = self.load()
         return self._model
 
-    @property
-    def method(self) -> registry.Method | None:
-        return self.checkpoint.method if self.checkpoint else None
-
 
 def baseline(loaded: models.LoadedModel) -> Variant:
     """The float model itself."""

@@ -3,6 +3,7 @@ float baseline, and passkey retrieval by context length and depth. The memory si
 :mod:`qkit.plan.kv`."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -253,11 +254,11 @@ def _retrieval(loaded: Any, chosen: Sequence[Scheme], prof: Config, calib: Any, 
             compared.append(variants.with_kv_cache(loaded, s.cache, s.name))
         elif s.unit_scales:
             ckpt = methods.quantize(loaded, s.method, calib=calib, store=store)
-            compared.append(variants.Variant(s.name, store.key("checkpoint", methods.checkpoint_spec(
-                loaded, s.method, calib)) + "/unit", lambda s=s: load_scheme(loaded, s, calib, store), ckpt))
+            compared.append(variants.Variant(s.name, ckpt.path.name + "/unit",
+                                             lambda s=s: load_scheme(loaded, s, calib, store), ckpt))
         else:
             v = variants.from_method(loaded, s.method, calib=calib, store=store)
-            compared.append(variants.Variant(s.name, v.identity, v.load, v.checkpoint))
+            compared.append(dataclasses.replace(v, label=s.name))
     sconfig = sensitivity.Config(max_items=None, context_lengths=prof.context_lengths, depths=prof.depths,
                                  per_cell=1, kld_tokens=256, max_gen_toks=16, batch_size=1, methods=(),
                                  tasks=tuple(prof.tasks), calib=calib.name, samples=calib.n_samples,
@@ -353,7 +354,7 @@ def retrieval_table(res: Result):
 def provenance(res: Result):
     """Where the result came from: model, documents, calibration, commit, hardware, library versions."""
     prov = res.meta["provenance"]
-    return pd.Series({"model": res.meta["model"]["spec"], "config": str(res.meta["config"]),
+    return pd.Series({"model": res.meta["model"]["spec"], "schemes": ", ".join(dict.fromkeys(res.blocks["scheme"])),
                       "documents": f"{res.meta['n_docs']} x {res.meta['n_tokens']} tokens of held-out prose",
                       "calibration": str(res.meta["calibration"]), "git commit": prov["git_commit"],
                       "hardware": str(prov["hardware"]), **prov["libraries"]}).to_frame("value")
