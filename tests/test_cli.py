@@ -36,11 +36,13 @@ def _remote_code_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown model", "path without weights", "remote code", "unknown method",
-                                  "zero samples", "seq_len too long", "unknown calibration set"])
+                                  "zero samples", "seq_len too long", "unknown calibration set",
+                                  "malformed calibration file"])
 def test_bad_input_is_one_line_with_a_fix_and_exit_2(capsys, tmp_path, case):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     argv = {
         "unknown model": ["--model", "no-such-model", "--method", "fp8_dynamic"],
         "path without weights": ["--model", str(empty), "--method", "fp8_dynamic"],
@@ -49,6 +51,8 @@ def test_bad_input_is_one_line_with_a_fix_and_exit_2(capsys, tmp_path, case):
         "zero samples": ["--model", "tiny", "--method", "w4a16_gptq", "--samples", "0"],
         "seq_len too long": ["--model", "tiny", "--method", "w4a16_gptq", "--seq-len", "100000"],
         "unknown calibration set": ["--model", "tiny", "--method", "w4a16_gptq", "--calib", "wikipedia"],
+        "malformed calibration file": ["--model", "tiny", "--method", "w4a16_gptq", "--calib",
+                                       str(tmp_path / "bad.jsonl")],
     }[case]
     checkpoints = Store().root / "checkpoint"
     before = set(checkpoints.iterdir()) if checkpoints.exists() else set()
@@ -61,6 +65,20 @@ def test_bad_input_is_one_line_with_a_fix_and_exit_2(capsys, tmp_path, case):
     assert err.rstrip().endswith(errors[0])
     after = set(checkpoints.iterdir()) if checkpoints.exists() else set()
     assert after == before  # nothing half-done left behind as an entry
+
+
+def test_calib_inspect_diagnoses_a_users_file_against_a_users_eval_text(capsys, tmp_path):
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    (tmp_path / "mine.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(words[(i + k) % 8] for k in range(200))}) + "\n" for i in range(40)))
+    (tmp_path / "eval.txt").mkdir()
+    for i in range(20):
+        (tmp_path / "eval.txt" / f"{i}.txt").write_text(" ".join(words[:4]) * 30)
+    code, out, err = run(capsys, "calib", "inspect", str(tmp_path / "mine.jsonl"), "--model", "tiny", "--samples", "2",
+                         "--seq-len", "32", "--eval-text", f"{tmp_path / 'eval.txt'},prose")
+    assert code == 0, err
+    assert f"calibration set {tmp_path / 'mine.jsonl'}: 2 samples x 32 tokens" in out
+    assert f"covers {tmp_path / 'eval.txt'} eval:" in out and "covers prose eval:" in out
 
 
 def test_report_rejects_malformed_parameter(capsys):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from qkit.core.errors import QkitError
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.evaluation import tasks
 from qkit.studies import plots
 from qkit.studies import task_sensitivity as S
@@ -117,15 +117,16 @@ def test_get_items_computes_only_what_is_missing_and_resumes(tmp_path) -> None:
             raise RuntimeError("interrupted")
         return {i: {"score": len(i)} for i in ids}
 
-    assert store.get_items("t", {"a": 1}, ["x", "yy"], compute, batch=1) == {"x": {"score": 1}, "yy": {"score": 2}}
+    assert store.get_items(Kind("t", 1), {"a": 1}, ["x", "yy"], compute, batch=1) == {"x": {"score": 1},
+                                                                                 "yy": {"score": 2}}
     with pytest.raises(RuntimeError):
-        store.get_items("t", {"a": 1}, ["x", "zzz", "boom"], compute, batch=1)
+        store.get_items(Kind("t", 1), {"a": 1}, ["x", "zzz", "boom"], compute, batch=1)
     calls.clear()
-    got = store.get_items("t", {"a": 1}, ["zzz", "x", "yy"], compute, batch=1)
+    got = store.get_items(Kind("t", 1), {"a": 1}, ["zzz", "x", "yy"], compute, batch=1)
     assert calls == [] and list(got) == ["zzz", "x", "yy"]  # "zzz" was saved before "boom" failed
-    path = store.path("t", {"a": 1}) / "items.json"
+    path = store.path(Kind("t", 1), {"a": 1}) / "items.json"
     path.write_text("{truncated")
-    assert store.get_items("t", {"a": 1}, ["x"], compute) == {"x": {"score": 1}}
+    assert store.get_items(Kind("t", 1), {"a": 1}, ["x"], compute) == {"x": {"score": 1}}
     assert path.with_suffix(".json.bad").exists()
 
 

@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from qkit.core.store import MANIFEST, Store, write_json_atomic
+from qkit.core.store import MANIFEST, Kind, Store, write_json_atomic
+
+CKPT, RES = Kind("ckpt", 1), Kind("res", 1)
 
 
 @pytest.fixture
@@ -24,8 +26,8 @@ def _builder(calls, payload=b"weights"):
 
 def test_builds_once_and_records_spec_and_provenance(store):
     calls = []
-    p1 = store.get_dir("ckpt", {"method": "fp8"}, _builder(calls))
-    p2 = store.get_dir("ckpt", {"method": "fp8"}, _builder(calls))
+    p1 = store.get_dir(CKPT, {"method": "fp8"}, _builder(calls))
+    p2 = store.get_dir(CKPT, {"method": "fp8"}, _builder(calls))
     assert p1 == p2 and len(calls) == 1
     m = Store.manifest(p1)
     assert m["spec"] == {"method": "fp8"} and m["meta"] == {"note": "built"}
@@ -33,16 +35,35 @@ def test_builds_once_and_records_spec_and_provenance(store):
     assert m["provenance"]["libraries"]["torch"]
 
 
-def test_key_depends_on_spec_and_kind(store):
-    assert store.key("a", {"x": 1}) != store.key("a", {"x": 2})
-    assert store.key("a", {"x": 1}) != store.key("b", {"x": 1})
-    assert store.key("a", {"x": 1, "y": 2}) == store.key("a", {"y": 2, "x": 1})
+def test_key_depends_on_spec_kind_and_version(store):
+    a, b = Kind("a", 1), Kind("b", 1)
+    assert store.key(a, {"x": 1}) != store.key(a, {"x": 2})
+    assert store.key(a, {"x": 1}) != store.key(b, {"x": 1})
+    assert store.key(a, {"x": 1}) != store.key(Kind("a", 2), {"x": 1})  # a bumped version recomputes
+    assert store.key(a, {"x": 1, "y": 2}) == store.key(a, {"y": 2, "x": 1})
+
+
+def test_every_cached_kind_is_declared_once_by_name():
+    """Two kinds with one name would share a folder, and one's version bump would not reach the other."""
+    import importlib
+    import pkgutil
+
+    import qkit
+    by_name: dict[str, set[Kind]] = {}
+    for info in pkgutil.walk_packages(qkit.__path__, "qkit."):
+        if info.name.endswith("__main__"):  # importing it runs the CLI
+            continue
+        for value in vars(importlib.import_module(info.name)).values():
+            if isinstance(value, Kind):
+                by_name.setdefault(value.name, set()).add(value)
+    assert {"checkpoint", "evaluation", "baseline", "task_items", "task_kld", "kv_quality"} <= set(by_name)
+    assert {name: kinds for name, kinds in by_name.items() if len(kinds) > 1} == {}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "manifest"])
 def test_damaged_entry_is_rebuilt_not_used(store, damage):
     calls = []
-    path = store.get_dir("ckpt", {"m": 1}, _builder(calls))
+    path = store.get_dir(CKPT, {"m": 1}, _builder(calls))
     Store._verified.clear()
     f = path / "model.bin"
     if damage == "truncate":
@@ -55,8 +76,8 @@ def test_damaged_entry_is_rebuilt_not_used(store, damage):
         (path / "stray.tmp").write_text("?")
     else:
         (path / MANIFEST).write_text("{not json")
-    assert store.lookup("ckpt", {"m": 1}) is None
-    path = store.get_dir("ckpt", {"m": 1}, _builder(calls))
+    assert store.lookup(CKPT, {"m": 1}) is None
+    path = store.get_dir(CKPT, {"m": 1}, _builder(calls))
     assert len(calls) == 2 and (path / "model.bin").read_bytes() == b"weights"
 
 
@@ -66,15 +87,15 @@ def test_failed_build_leaves_nothing_that_looks_complete(store):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        store.get_dir("ckpt", {"m": 2}, build)
-    assert store.lookup("ckpt", {"m": 2}) is None
+        store.get_dir(CKPT, {"m": 2}, build)
+    assert store.lookup(CKPT, {"m": 2}) is None
     assert not any(store.root.rglob("half.bin"))
 
 
 def test_get_json_computes_once(store):
     calls = []
     for _ in range(2):
-        assert store.get_json("res", {"a": 1}, lambda: calls.append(1) or {"ppl": 3.5}) == {"ppl": 3.5}
+        assert store.get_json(RES, {"a": 1}, lambda: calls.append(1) or {"ppl": 3.5}) == {"ppl": 3.5}
     assert calls == [1]
 
 

@@ -17,11 +17,14 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="allow a model's own Python code to run (off by default)")
 
 
-def calib_args(p: argparse.ArgumentParser) -> None:
+def calib_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    """--calib (unless the command takes the set as its positional argument), --samples, --seq-len, --seed."""
     from qkit.data import CalibSpec
 
     d = CalibSpec()
-    p.add_argument("--calib", default=d.name, help=f"calibration set (default {d.name})")
+    if not positional:
+        p.add_argument("--calib", default=d.name, metavar="NAME|PATH",
+                       help=f"calibration set: a built-in name or a data file (default {d.name})")
     p.add_argument("--samples", type=int, default=d.n_samples, help=f"calibration samples (default {d.n_samples})")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sample (default {d.seq_len})")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -31,6 +34,12 @@ def calib(args: argparse.Namespace):
     from qkit.data import CalibSpec
 
     return CalibSpec(args.calib, args.samples, args.seq_len, args.seed)
+
+
+def given(**options: object) -> dict[str, object]:
+    """The options the user gave: an argument left at None takes the library's own default, which the
+    CLI then never restates."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def param(text: str) -> tuple[str, object]:

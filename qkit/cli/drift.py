@@ -16,9 +16,9 @@ def cmd_drift_check(args: argparse.Namespace) -> int:
     from qkit.quant import variants
     from qkit.studies import drift_monitoring as drift
 
-    config = monitor.MonitorConfig(window=args.window)  # bad input fails before a model loads
+    config = monitor.MonitorConfig(**common.given(window=args.window))  # bad input fails before a model loads
     request_log.check_log(args.log)
-    scoring = served.DriftConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    scoring = served.DriftConfig(**common.given(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens))
     reference = models.resolve_model(args.reference, trust_remote_code=args.trust_remote_code)
     deployment = variants.parse(reference, args.quantized)
     state = drift.update(args.log, reference, deployment, scoring)
@@ -62,7 +62,8 @@ def cmd_drift_replay(args: argparse.Namespace) -> int:
         request_log.check_log(args.prompts)
     reference = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     out = drift.replay(reference, args.method, args.prompts, args.out, switch_to=args.switch_to,
-                       switch_at=args.switch_at, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                       switch_at=args.switch_at,
+                       **common.given(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
     print(out)
     return 0
 
@@ -75,11 +76,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default=DEFAULT_MODEL, help=f"the unquantized model (default {DEFAULT_MODEL})")
     p.add_argument("--quantized", required=True, metavar="METHOD|DIR",
                    help="the deployed model: a method from `qkit methods` or a model directory")
-    p.add_argument("--window", default="50", help="requests per window, or a duration such as 30m, 6h (default 50)")
+    p.add_argument("--window", help="requests per window, or a duration such as 30m, 6h (default: the monitor's, 50)")
     p.add_argument("--alerts", default=None, help="where to write the alerts as JSON (default: beside the state "
                                                    "in the store)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
+    p.add_argument("--batch-size", type=int, help="requests per forward pass (default 8)")
+    p.add_argument("--max-new-tokens", type=int,
                    help="greedy answer length for checkable requests and missing completions (default 32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.set_defaults(func=cmd_drift_check)
@@ -91,6 +92,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--switch-to", default=None, metavar="METHOD|DIR", help="what serves from --switch-at on")
     p.add_argument("--switch-at", type=int, default=None, help="first request served by --switch-to (default: half)")
     p.add_argument("--out", default="drift_log.jsonl", help="the log to write (default drift_log.jsonl)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer, greedy (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer, greedy (default 32)")
+    p.add_argument("--batch-size", type=int, help="prompts per generate call (default 8)")
     p.set_defaults(func=cmd_drift_replay)

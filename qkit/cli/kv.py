@@ -10,9 +10,10 @@ from qkit.cli import common
 def cmd_kv_plan(args: argparse.Namespace) -> int:
     from qkit.plan import kv
 
-    plan = kv.plan(args.model, contexts=common.ints(args.context), batches=common.ints(args.batch),
-                   formats=args.formats.split(","), weights=args.weights.split(","),
-                   device_memory=args.device_memory)
+    split = lambda text, parse=lambda t: t.split(","): parse(text) if text else None  # noqa: E731
+    plan = kv.plan(args.model, device_memory=args.device_memory, **common.given(
+        contexts=split(args.context, common.ints), batches=split(args.batch, common.ints),
+        formats=split(args.formats), weights=split(args.weights)))
     if args.json:
         print(plan.to_json(orient="records", indent=2))
         return 0
@@ -38,10 +39,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in name (smollm2-135m, llama-3.1-8b, llama-3.1-70b, qwen2.5-7b), hub id of one of "
                         "those, or a config.json / model directory")
-    p.add_argument("--context", default="4096,8192,16384,32768,65536,131072", help="context lengths, comma-separated")
-    p.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
-    p.add_argument("--formats", default="bf16,fp8,int4", help="KV cache formats: bf16, fp8, int8, int4")
-    p.add_argument("--weights", default="bf16,fp8,int4", help="weight precisions: bf16, fp8, int8, int4, nvfp4")
+    p.add_argument("--context", help="context lengths, comma-separated (default: 1K to 128K, doubling)")
+    p.add_argument("--batch", help="batch sizes, comma-separated (default: the planner's, 1,8,32)")
+    p.add_argument("--formats", help="KV cache formats: bf16, fp8, int8, int4 (default: bf16,fp8,int4)")
+    p.add_argument("--weights", help="weight precisions: bf16, fp8, int8, int4, nvfp4 (default: bf16,fp8,int4)")
     p.add_argument("--device-memory", help="device memory to fit in, e.g. 80GB")
     p.add_argument("--json", action="store_true", help="print the plan's rows as JSON")
     p.set_defaults(func=cmd_kv_plan)

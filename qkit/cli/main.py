@@ -24,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QkitError as e:
         print(f"qkit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `qkit ... | head` closed the pipe: what was asked for has been read
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

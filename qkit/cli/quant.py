@@ -68,7 +68,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common.model_args(p)
     p.add_argument("--method", required=True, help="a method from `qkit methods`, or a checkpoint directory")
     common.calib_args(p)
-    p.add_argument("--eval-text", help="held-out text: prose, chat or code (default: the methods study's, prose)")
+    p.add_argument("--eval-text", metavar="NAME|PATH",
+                   help="held-out text: prose, chat, code, or a data file whose held-out split (1 document in 10) "
+                        "is used (default: the methods study's, prose)")
     p.add_argument("--tokens", type=int, help="evaluation tokens (default: the methods study's quick profile)")
     p.add_argument("--ctx", type=int, help="tokens per evaluation chunk (default: the methods study's)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")

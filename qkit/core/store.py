@@ -3,8 +3,9 @@ baseline logits and results.
 
 An entry is a directory `<root>/<kind>/<key>/` where `key` hashes the spec that produced it (model,
 method, recipe, calibration set, seed, ...) together with the versions of the libraries whose output it
-is. The entry is built in a temporary sibling directory and renamed into place only after a manifest
-with every file's size and sha256 has been written, so a crash leaves no entry that looks complete.
+is and the version of qkit's code that computes that kind (:class:`Kind`). The entry is built in a
+temporary sibling directory and renamed into place only after a manifest with every file's size and
+sha256 has been written, so a crash leaves no entry that looks complete.
 A manifest that disagrees with the files (truncated copy, flipped bit, missing file) makes the entry
 invalid: it is removed and rebuilt, never used.
 """
@@ -17,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,16 @@ MANIFEST = "manifest.json"
 
 
 CACHE_ENV = "QKIT_CACHE"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of cached result and the version of the code that computes it: the one way qkit
+    invalidates its cache after a code change. Each kind is declared once, beside the code that
+    computes it; bump its version when that code would now give another result for the same spec.
+    What the user brings (a task's YAML, a recipe, a data file) belongs in the spec by its content hash."""
+    name: str
+    version: int
 
 
 def default_root() -> Path:
@@ -70,15 +82,15 @@ class Store:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
 
-    def key(self, kind: str, spec: dict) -> str:
+    def key(self, kind: Kind, spec: dict) -> str:
         # Library versions belong to the key: the same recipe under another llm-compressor is another result.
-        full = {"kind": kind, "spec": spec, "libraries": provenance.library_versions()}
+        full = {"kind": kind.name, "version": kind.version, "spec": spec, "libraries": provenance.library_versions()}
         return hashlib.sha256(canonical(full).encode()).hexdigest()[:20]
 
-    def path(self, kind: str, spec: dict) -> Path:
-        return self.root / kind / self.key(kind, spec)
+    def path(self, kind: Kind, spec: dict) -> Path:
+        return self.root / kind.name / self.key(kind, spec)
 
-    def lookup(self, kind: str, spec: dict) -> Path | None:
+    def lookup(self, kind: Kind, spec: dict) -> Path | None:
         """The entry's directory if it is complete and intact; a damaged entry is removed."""
         path = self.path(kind, spec)
         if not path.exists():
@@ -114,7 +126,7 @@ class Store:
         cls._verified.add(stamp)
         return True
 
-    def get_dir(self, kind: str, spec: dict, build: Callable[[Path], dict | None]) -> Path:
+    def get_dir(self, kind: Kind, spec: dict, build: Callable[[Path], dict | None]) -> Path:
         """Return the entry for `spec`, calling `build(tmpdir)` to create it if it is missing or damaged.
 
         `build` writes its files into the directory it is given and may return extra metadata, which is
@@ -136,7 +148,8 @@ class Store:
                 if p.is_file() and p.name != MANIFEST
             }
             manifest = {
-                "kind": kind,
+                "kind": kind.name,
+                "version": kind.version,
                 "key": final.name,
                 "spec": spec,
                 "meta": meta,
@@ -156,14 +169,14 @@ class Store:
             raise
         return final
 
-    def get_json(self, kind: str, spec: dict, compute: Callable[[], Any]) -> Any:
+    def get_json(self, kind: Kind, spec: dict, compute: Callable[[], Any]) -> Any:
         """A JSON-serialisable result, computed once per spec."""
         def build(tmp: Path) -> None:
             write_json_atomic(tmp / "result.json", compute())
 
         return json.loads((self.get_dir(kind, spec, build) / "result.json").read_text())
 
-    def get_items(self, kind: str, spec: dict, ids: Sequence[str],
+    def get_items(self, kind: Kind, spec: dict, ids: Sequence[str],
                   compute: Callable[[list[str]], dict[str, Any]], *, batch: int = 16) -> dict[str, Any]:
         """Per-item results (e.g. one task item's score), kept in one JSON file per spec.
 
@@ -184,9 +197,10 @@ class Store:
             new = compute(part)
             absent = [i for i in part if i not in new]
             if absent:
-                raise RuntimeError(f"{kind}: compute() returned no result for {absent[:3]}")
+                raise RuntimeError(f"{kind.name}: compute() returned no result for {absent[:3]}")
             done.update({i: new[i] for i in part})
-            write_json_atomic(path, {"kind": kind, "spec": spec, "provenance": provenance.collect(), "items": done})
+            write_json_atomic(path, {"kind": kind.name, "version": kind.version, "spec": spec,
+                                     "provenance": provenance.collect(), "items": done})
         return {i: done[i] for i in ids}
 
     @staticmethod

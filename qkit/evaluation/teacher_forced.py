@@ -23,9 +23,12 @@ from tqdm.auto import tqdm
 
 from qkit import data
 from qkit.core.errors import QkitError
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.evaluation import metrics, tasks
 from qkit.models import LoadedModel
+
+# The float model's final hidden states on an eval text, from which each comparison rebuilds its logits.
+BASELINE = Kind("baseline", 1)
 
 # Why hidden states: full float32 logits take V floats per token (llama.cpp's file is 37 GiB for Llama-3
 # on wikitext), and a compact top-k summary is not exact enough. Measured on SmolLM2-135M (2,047 tokens,
@@ -50,16 +53,17 @@ class EvalSpec:
     batch_size: int = 4
 
     def key(self) -> dict:
-        """The fields that change results, for cache keys: batch_size changes only speed."""
-        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        """The fields that change results, for cache keys: batch_size changes only speed; a user's file
+        counts by its content."""
+        key = {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        digest = None if self.domain.startswith(TASK_PREFIX) else data.fingerprint(self.domain)
+        return {**key, "sha256": digest} if digest else key
 
     def __post_init__(self) -> None:
         if self.domain.startswith(TASK_PREFIX):
-
             tasks.get_task(self.domain.removeprefix(TASK_PREFIX))
-        elif self.domain not in data.EVAL_DOMAINS:
-            raise QkitError(f"unknown eval text {self.domain!r}",
-                            f"use one of {', '.join(data.EVAL_DOMAINS)}, or {TASK_PREFIX}<task> for a task's prompts")
+        else:
+            data.check_text(self.domain)
         for name in ("n_tokens", "ctx", "batch_size"):
             if getattr(self, name) <= 0:
                 raise QkitError(f"{name} must be positive, got {getattr(self, name)}", f"pass a {name} above 0")
@@ -175,7 +179,7 @@ def _baseline(loaded: LoadedModel, spec: EvalSpec, store: Store, chunks: torch.T
         save_file({"hidden": hidden, "targets": targets.contiguous()}, str(tmp / "baseline.safetensors"))
         return {"n_chunks": len(chunks), "ctx": spec.ctx, "hidden_size": hidden.shape[1]}
 
-    path = store.get_dir("baseline", _spec_key(loaded, spec), build)
+    path = store.get_dir(BASELINE, _spec_key(loaded, spec), build)
     saved = load_file(str(path / "baseline.safetensors"))
     if not torch.equal(saved["targets"], targets):
         raise QkitError(f"the cached baseline {path} was computed on other tokens than the {spec.domain} "

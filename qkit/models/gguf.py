@@ -12,7 +12,11 @@ import torch
 
 from qkit import DEFAULT_MODEL  # noqa: E402,F401  (re-exported)
 from qkit.core.errors import QkitError
+from qkit.core.store import Kind
 from qkit.models.hf import max_length, quiet
+
+# A float copy of a GGUF file, as gguf_build writes it.
+GGUF_MODEL = Kind("gguf_model", 1)
 
 
 def _dequantizable(qtype: Any) -> bool:

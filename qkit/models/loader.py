@@ -30,8 +30,8 @@ import torch
 from qkit import DEFAULT_MODEL  # noqa: E402,F401  (re-exported)
 from qkit.core.errors import QkitError
 from qkit.core.store import Store
-from qkit.models.builtin import BUILTINS, RECIPE_VERSIONS, builtin_dir, builtin_spec
-from qkit.models.gguf import gguf_build
+from qkit.models.builtin import BUILTINS, builtin_dir, builtin_spec
+from qkit.models.gguf import GGUF_MODEL, gguf_build
 from qkit.models.hf import as_dtype, load_tokenizer, max_length, n_params, quiet
 
 # Files above this size are fingerprinted by sampling instead of hashing every byte.
@@ -183,7 +183,7 @@ def _fingerprint(spec: str, kind: str, path: Path | None) -> str:
     if kind == "hub":
         return f"hub:{spec}@{path.name}"  # snapshot directories are named by commit hash
     if kind == "gguf":
-        return f"gguf:{_file_digest(path)[:16]}"
+        return f"gguf:{_file_digest(path)[:16]}:v{GGUF_MODEL.version}"  # a changed conversion is another model
     _check_weights(path)
     return f"local:{_dir_digest(path)[:16]}"
 
@@ -200,8 +200,7 @@ def resolve_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch
         path, info = builtin_dir(spec, store)
     elif kind == "gguf":
         gguf_path = path
-        path = store.get_dir("model", {"gguf": fp, "recipe": RECIPE_VERSIONS["gguf"]},
-                             gguf_build(gguf_path))
+        path = store.get_dir(GGUF_MODEL, {"gguf": fp}, gguf_build(gguf_path))
         info = {"source": {"file": str(gguf_path)}, **Store.manifest(path)["meta"]}
     elif kind == "hub":
         info = {"source": {"hub_id": spec, "commit": path.name}}

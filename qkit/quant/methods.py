@@ -6,16 +6,18 @@ GPTQModel, GGUF), which all keep one protocol: `build(loaded, method, calib, out
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qkit import data, models
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.quant.registry import BACKENDS, Method, get_method, recipe_yaml
+
+CHECKPOINT = Kind("checkpoint", 1)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -49,7 +51,7 @@ def quantize(loaded: models.LoadedModel, method: Method | str, *, calib: CalibSp
     calib = (calib or CalibSpec()) if method.needs_calibration else None
     if calib is not None:
         data.check_seq_len(calib.seq_len, loaded.info["max_length"])
-    path = store.get_dir("checkpoint", checkpoint_spec(loaded, method, calib),
+    path = store.get_dir(CHECKPOINT, checkpoint_spec(loaded, method, calib),
                          lambda tmp: backend(method.backend).build(loaded, method, calib, tmp))
     meta = Store.manifest(path)["meta"]
     return Checkpoint(path=path, method=method, size_bytes=meta["size_bytes"],
@@ -62,7 +64,7 @@ def checkpoint_spec(loaded: models.LoadedModel, method: Method | str, calib: Cal
     method = get_method(method) if isinstance(method, str) else method
     calib = (calib or CalibSpec()) if method.needs_calibration else None
     return {"model": loaded.info["fingerprint"], "method": method.name, "recipe": recipe_yaml(method),
-            "calibration": asdict(calib) if calib else None}
+            "calibration": calib.key() if calib else None}
 
 
 def load_quantized(checkpoint: Checkpoint | str | Path, *,

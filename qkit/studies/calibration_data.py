@@ -34,6 +34,8 @@ class Config:
     seeds: tuple[int, ...]
     center: tuple[int, int]
     curve_source: str = "prose"
+    # Held-out texts every checkpoint is evaluated on: built-in domains or the user's files.
+    eval_texts: tuple[str, ...] = data.EVAL_DOMAINS
     eval_tokens: int = 4096
     ctx: int = 512
     model: str = models.DEFAULT_MODEL
@@ -81,6 +83,8 @@ def check_grid(grid: Config, max_len: int) -> None:
                         f"include a calibration-dependent method: {', '.join(CALIBRATED)}")
     for spec in grid.configs():  # unknown sources, non-positive sizes
         data.check_seq_len(spec.seq_len, max_len)
+    for text in grid.eval_texts:
+        data.check_text(text)
     if grid.curve_source not in grid.sources:
         raise QkitError(f"curve_source {grid.curve_source!r} is not among the sources {grid.sources}",
                         "add it to the sources")
@@ -99,12 +103,12 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
         data.calibration_rows(largest.name, largest.n_samples, largest.seq_len, largest.seed,
                               tokenizer=loaded.tokenizer)
     n0, len0 = config.center
-    sets = {s: diagnostics.inspect(s, n0, len0, tokenizer=loaded.tokenizer, methods=config.methods)
-            for s in config.sources}
-    evals = [EvalSpec(domain=d, n_tokens=config.eval_tokens, ctx=config.ctx) for d in data.EVAL_DOMAINS]
+    sets = {s: diagnostics.inspect(s, n0, len0, tokenizer=loaded.tokenizer, methods=config.methods,
+                                   eval_texts=config.eval_texts) for s in config.sources}
+    evals = [EvalSpec(domain=d, n_tokens=config.eval_tokens, ctx=config.ctx) for d in config.eval_texts]
     all_cells = [(m, c) for m in config.methods for c in config.configs() if registry.get_method(m).needs_calibration]
     missing = [(m, c) for m, c in all_cells if any(
-        store.lookup("evaluation", studies.evaluation_spec(store.key("checkpoint", methods.checkpoint_spec(
+        store.lookup(studies.EVALUATION, studies.evaluation_spec(store.key(methods.CHECKPOINT, methods.checkpoint_spec(
             loaded, m, c)), e)) is None for e in evals)]
     workers = cells.default_workers() if config.workers is None else config.workers
     if workers > 1 and len(missing) > 1:

@@ -26,7 +26,7 @@ import pandas as pd
 from qkit import models
 from qkit.core import provenance
 from qkit.core.errors import QkitError
-from qkit.core.store import Store, write_json_atomic, write_text_atomic
+from qkit.core.store import Kind, Store, write_json_atomic, write_text_atomic
 from qkit.data.request_log import SAMPLE_PROMPTS, check_log, read_log, report_malformed
 from qkit.evaluation import metrics, monitor
 from qkit.evaluation.monitor import Monitor, worst
@@ -35,6 +35,11 @@ from qkit.quant import registry, variants
 from qkit.quant.variants import Variant
 from qkit.studies import contract, plots
 from qkit.studies.contract import Summary
+
+# A replayed serving log: what a deployment answered to the sample prompts; and a log's monitoring state,
+# the per-request scores read so far (bump when served.measure would score a request otherwise).
+REPLAY = Kind("drift_replay", 1)
+STATE = Kind("drift", 1)
 
 # Hashed to tell whether a log was rewritten under the monitor: the first bytes it already read.
 _HEAD_BYTES = 4096
@@ -58,7 +63,7 @@ def _head_digest(path: Path, n: int) -> str:
 
 
 def state_path(store: Store, spec: dict) -> Path:
-    return store.path("drift", spec) / "state.json"
+    return store.path(STATE, spec) / "state.json"
 
 
 def _spec(log: Path, reference: models.LoadedModel, served: Variant, config: DriftConfig) -> dict:
@@ -126,7 +131,7 @@ def write_alerts(mon: Monitor, state: DriftState, path: str | Path) -> None:
 
 
 def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n: int = 5, by: str = "served_top1",
-                 max_new_tokens: int = 32) -> pd.DataFrame:
+                 max_new_tokens: int = DriftConfig.max_new_tokens) -> pd.DataFrame:
     """The `n` worst requests by `by`: the served completion beside the reference's own greedy answer to
     the same prompt (generated now, `max_new_tokens` long)."""
     rows = worst(mon, n, by)
@@ -149,8 +154,9 @@ def _serve_key(spec: str) -> Any:
 
 
 def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None = None, out: str | Path | None = None,
-           *, switch_to: str | None = None, switch_at: int | None = None, max_new_tokens: int = 32,
-           batch_size: int = 8, store: Store | None = None) -> Path:
+           *, switch_to: str | None = None, switch_at: int | None = None,
+           max_new_tokens: int = DriftConfig.max_new_tokens, batch_size: int = DriftConfig.batch_size,
+           store: Store | None = None) -> Path:
     """Write a log as if `serve` (a method or model directory) had answered the prompts file (the log
     format, completions ignored); with `switch_to`, that one serves from request `switch_at` on (default:
     halfway), so a monitor can be tried on a known change. Greedy, `max_new_tokens` per answer. Without a
@@ -195,7 +201,7 @@ def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None
             "prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(), "max_new_tokens": max_new_tokens,
             "batch_size": batch_size}  # left padding can move a greedy choice at a near tie
     store = store or Store()
-    return store.get_dir("drift_replay", spec, lambda tmp: write_text_atomic(tmp / "log.jsonl", serve_all())) \
+    return store.get_dir(REPLAY, spec, lambda tmp: write_text_atomic(tmp / "log.jsonl", serve_all())) \
         / "log.jsonl"
 
 
@@ -233,8 +239,8 @@ class Config:
     switch_at: int | None = None
     prompts: str | None = None  # JSONL prompts to replay; None: qkit's sample prompts
     window: int | str = 16  # requests per window, or a duration such as "30m"
-    max_new_tokens: int = 32
-    batch_size: int = 8
+    max_new_tokens: int = DriftConfig.max_new_tokens
+    batch_size: int = DriftConfig.batch_size
 
 
 PROFILES = {"quick": Config(), "full": Config(max_new_tokens=128)}

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from qkit import data, models
 from qkit.core.errors import QkitError, lookup
 from qkit.core.provenance import collect as collect_provenance
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import final_hidden, head_logits, metrics
 from qkit.plan import memory
@@ -26,6 +26,10 @@ from qkit.quant import methods, variants
 from qkit.studies import contract, plots
 from qkit.studies import task_sensitivity as sensitivity
 from qkit.studies.contract import Summary
+
+# Per-position quality of one scheme (position_stats), and the float model's hidden states it is scored against.
+KV_QUALITY = Kind("kv_quality", 1)
+KV_BASELINE = Kind("kv_baseline", 1)
 
 
 @dataclass(frozen=True)
@@ -216,12 +220,11 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     base_hidden = _baseline_hidden(loaded, docs, doc_key, store)
     rows = []
     for scheme in tqdm(chosen, desc="KV schemes", unit="scheme"):
-        ident = (store.key("checkpoint", methods.checkpoint_spec(loaded, scheme.method, calib))
+        ident = (store.key(methods.CHECKPOINT, methods.checkpoint_spec(loaded, scheme.method, calib))
                  if scheme.method else "float")
         spec = {**doc_key, "scheme": scheme.name, "variant": ident, "unit_scales": scheme.unit_scales,
-                "cache": scheme.cache, "chunk": prof.chunk if scheme.cache else None, "block": BLOCK,
-                "version": 1}  # bump when position_stats changes
-        res = store.get_json("kv_quality", spec, lambda s=scheme: position_stats(
+                "cache": scheme.cache, "chunk": prof.chunk if scheme.cache else None, "block": BLOCK}
+        res = store.get_json(KV_QUALITY, spec, lambda s=scheme: position_stats(
             load_scheme(loaded, s, calib, store), loaded, docs, base_hidden, s.cache, prof.chunk))
         for d in range(n_docs):
             for b in range(len(res["kld"][d])):
@@ -242,7 +245,7 @@ def _baseline_hidden(loaded: Any, docs: torch.Tensor, doc_key: dict, store: Any)
         save_file({"hidden": hidden.contiguous()}, str(tmp / "hidden.safetensors"))
         return {"shape": list(hidden.shape)}
 
-    path = store.get_dir("kv_baseline", doc_key, build)
+    path = store.get_dir(KV_BASELINE, doc_key, build)
     return load_file(str(path / "hidden.safetensors"))["hidden"]
 
 
@@ -284,7 +287,7 @@ def by_position(res: Result, metric: str = "kld"):
     d = res.blocks.assign(bucket=res.blocks["start"].map(_bucket))
     rows = []
     for (scheme, bucket), g in d.groupby(["scheme", "bucket"], sort=False):
-        mean, lo, hi = metrics.mean_ci(g[metric].to_numpy(), n_boot=1000, seed=0)
+        mean, lo, hi = metrics.mean_ci(g[metric].to_numpy(), seed=0)
         rows.append({"scheme": scheme, "bucket": bucket, "from": int(g["start"].min()), metric: mean,
                      "low": lo, "high": hi, "ppl": math.exp(g["nll"].mean()), "ppl_base": math.exp(g["nll_base"].mean()),
                      "top1_pct": 100 * g["top1"].mean(), "blocks": len(g)})
@@ -305,7 +308,7 @@ def compare(res: Result, a: str = "fp8_tensor", b: str = "fp8_head", metric: str
     rows = []
     for bucket, g in pa.groupby("bucket", sort=False):
         x, y = g[metric].to_numpy(), pb.loc[g.index, metric].to_numpy()
-        diff, lo, hi = metrics.mean_ci(x, paired_with=y, n_boot=1000, seed=0)
+        diff, lo, hi = metrics.mean_ci(x, paired_with=y, seed=0)
         rows.append({"bucket": bucket, f"{a}": x.mean(), f"{b}": y.mean(), "difference": diff, "low": lo,
                      "high": hi, "verdict": ("one block, no CI" if math.isnan(lo) else "no difference"
                                              if lo <= 0 <= hi else f"{b} better" if diff > 0 else f"{a} better")})

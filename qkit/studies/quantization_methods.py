@@ -12,21 +12,21 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from qkit import models
+from qkit import data, models
 from qkit.core.errors import QkitError
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec, compare, metrics
 from qkit.quant import artifacts, registry, variants
 from qkit.studies import contract, plots
 from qkit.studies.contract import Summary
 
-CI_BOOT = 1000
+EVALUATION = Kind("evaluation", 1)
 
 
 def result_row(result: dict, seed: int = 0) -> dict:
     """Flatten one evaluation into table columns, with 95% bootstrap CIs over chunks."""
-    ci = lambda values, **kw: metrics.mean_ci(values, n_boot=CI_BOOT, seed=seed, **kw)  # noqa: E731
+    ci = lambda values, **kw: metrics.mean_ci(values, seed=seed, **kw)  # noqa: E731
     kld, kld_lo, kld_hi = ci(result["chunk_kld"])
     nll, nll_lo, nll_hi = ci(result["chunk_nll"])
     top1, top1_lo, top1_hi = ci(result["chunk_top1"])
@@ -54,7 +54,7 @@ def evaluate(loaded: models.LoadedModel, variant: variants.Variant, eval_spec: E
     """A variant against the baseline on one held-out text (cached), with what it is and what it costs:
     one row of the methods study. The variant's model loads only if the evaluation is not in the store."""
     store = store or Store()
-    result = store.get_json("evaluation", evaluation_spec(variant.identity, eval_spec),
+    result = store.get_json(EVALUATION, evaluation_spec(variant.identity, eval_spec),
                             lambda: compare(variant.model, loaded, eval_spec, store, label=variant.label))
     return {**describe(loaded, variant), **result_row(result, seed), "error": None}
 
@@ -178,7 +178,11 @@ class Result:
         })
 
     def provenance(self) -> pd.DataFrame:
-        return provenance_table(self.rows)
+        table, text = provenance_table(self.rows), self.config.eval_text
+        if len(table) and text not in data.EVAL_DOMAINS:  # a user's file: which one, by content
+            info = data.describe(text)
+            table.insert(0, "eval text", f"{info['path']} (sha256 {info['sha256'][:16]}, {info['size_bytes']:,} bytes)")
+        return table
 
     def summary(self) -> Summary:
         ok = self.ok.dropna(subset=["kld_mean"])
@@ -331,7 +335,9 @@ def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
         calib = m["spec"].get("calibration")
         rows.append({"method": r["method"], "cache key": m["key"],
                      "calibration": (f"{calib['name']}, {calib['n_samples']} x {calib['seq_len']} tokens, "
-                                     f"seed {calib['seed']}") if calib else "none (not needed)",
+                                     f"seed {calib['seed']}" + (f", sha256 {calib['sha256'][:16]}"
+                                                                if calib.get("sha256") else ""))
+                     if calib else "none (not needed)",
                      "built": prov["time"], "git commit": prov["git_commit"],
                      "hardware": f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}",
                      "libraries": ", ".join(f"{k} {v}" for k, v in prov["libraries"].items())})

@@ -9,11 +9,9 @@ or items reuses everything computed before.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +20,7 @@ from tqdm.auto import tqdm
 
 from qkit import models
 from qkit.core import provenance
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import TASK_PREFIX, EvalSpec, compare, metrics, tasks
 from qkit.evaluation.tasks import items as task_items
@@ -31,8 +29,9 @@ from qkit.studies import contract, plots, quantization_methods
 from qkit.studies.contract import Summary
 
 BASELINE = variants.BASELINE
+# The KLD of a variant on a task's prompts.
+TASK_KLD = Kind("task_kld", 1)
 DEFAULT_METHODS = ("fp8_dynamic", "w8a8_int8", "w4a16_gptq", "w4a16_awq")
-CI_BOOT = 2000
 # Below this many paired items a percentile bootstrap CI is too unreliable to conclude from (with 4 items
 # there are only 35 distinct resamples): findings say so instead of calling a change real.
 MIN_ITEMS = 10
@@ -125,15 +124,6 @@ def config(profile: str | Config = "quick", **overrides) -> Config:
     return contract.config(PROFILES, profile, **overrides)
 
 
-def _code_hash() -> str:
-    """The task definitions and scorers: a changed prompt or scorer must not reuse old item results."""
-    files = sorted(tasks.TASK_DIR.glob("*.yaml")) + [Path(task_items.__file__), Path(tasks.__file__).parent / "scoring.py"]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _options(task: tasks.Task, prof: Config) -> dict:
     if not task.needs_tokenizer:
         return {}
@@ -178,13 +168,12 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     every = [variants.baseline(loaded), *compared]
 
     rows, kld_rows, seconds = [], [], {}
-    code = _code_hash()
     for variant in tqdm(every, desc="models", unit="model"):
         label, identity = variant.label, variant.identity
         for task, ids, index_of in tqdm(plan, desc=label, unit="task", leave=False):
             spec = {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], "variant": identity,
-                    "task": task.name, "options": _options(task, prof), "max_gen_toks": prof.max_gen_toks,
-                    "code": code, "scorers": tasks.scoring_versions(task)}
+                    "task": task.name, "yaml": tasks.fingerprint(task), "options": _options(task, prof),
+                    "max_gen_toks": prof.max_gen_toks, "scorers": tasks.scoring_versions(task)}
             started = time.perf_counter()
 
             def compute(part: list[str], task=task, index_of=index_of, variant=variant) -> dict[str, dict]:
@@ -193,13 +182,13 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
                                             max_length=max_len, max_gen_toks=prof.max_gen_toks)
                 return {r["id"]: r for r in records}
 
-            done = store.get_items("task_items", spec, ids, compute, batch=max(prof.batch_size, 16))
+            done = store.get_items(tasks.TASK_ITEMS, spec, ids, compute, batch=max(prof.batch_size, 16))
             seconds[(label, task.name)] = round(time.perf_counter() - started, 2)
             rows += [{"method": label, "task": task.name, "family": task.family, "id": i,
                       "score": r["score"], "output": r.get("output")} for i, r in done.items()]
             if label != BASELINE:
                 kld_rows.append({"method": label, "task": task.name,
-                                 **_task_kld(loaded, task, variant, prof, store, code)})
+                                 **_task_kld(loaded, task, variant, prof, store)})
     meta = {"model": loaded.info, "config": asdict(prof), "limit": limit, "methods": [v.label for v in compared],
             "tasks": [t.name for t in chosen], "calibration": asdict(calib),
             "seconds": {f"{m}/{t}": s for (m, t), s in seconds.items()},
@@ -208,11 +197,14 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     return Result(config, pd.DataFrame(rows), pd.DataFrame(kld_rows), meta)
 
 
-def _task_kld(loaded: models.LoadedModel, task: tasks.Task, variant: variants.Variant, prof: Config, store: Store,
-              code: str) -> dict:
-    spec = EvalSpec(domain=TASK_PREFIX + (task.prompts_of or task.name), n_tokens=prof.kld_tokens, ctx=min(512, prof.kld_tokens),
+def _task_kld(loaded: models.LoadedModel, task: tasks.Task, variant: variants.Variant, prof: Config, store: Store
+              ) -> dict:
+    prompts = tasks.get_task(task.prompts_of or task.name)
+    spec = EvalSpec(domain=TASK_PREFIX + prompts.name, n_tokens=prof.kld_tokens, ctx=min(512, prof.kld_tokens),
                     batch_size=4)
-    result = store.get_json("task_kld", {"variant": variant.identity, "eval": spec.key(), "code": code},
+    key = {"variant": variant.identity, "eval": spec.key(), "yaml": tasks.fingerprint(prompts),
+           "items": tasks.TASK_ITEMS.version}  # the prompts come from the items' code
+    result = store.get_json(TASK_KLD, key,
                             lambda: compare(variant.model, loaded, spec, store, label=f"KLD {task.name}"))
     return {"kld_mean": result["kld_mean"], "top1_agreement_pct": result["top1_agreement_pct"],
             "kld_tokens": result["n_tokens"]}
@@ -239,7 +231,7 @@ def compare_scores(base: np.ndarray, quant: np.ndarray, *, higher_is_better: boo
     """Score, recovery, paired-bootstrap CI of the difference and flips for one set of paired items."""
     out: dict[str, Any] = {"n": int(base.size), "score_base": float(base.mean()) if base.size else np.nan,
                            "score": float(quant.mean()) if quant.size else np.nan}
-    diff, low, high = (metrics.mean_ci(quant, paired_with=base, n_boot=CI_BOOT, seed=seed) if base.size
+    diff, low, high = (metrics.mean_ci(quant, paired_with=base, seed=seed) if base.size
                        else (np.nan, np.nan, np.nan))
     out.update(diff=diff, diff_low=low, diff_high=high)
     out["recovery_pct"], out["recovery_low"], out["recovery_high"] = metrics.recovery_ci(

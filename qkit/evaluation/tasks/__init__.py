@@ -11,6 +11,7 @@ is already loaded (a baseline or a quantized checkpoint) and returns one record 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qkit.core.errors import QkitError
+from qkit.core.store import Kind
 from qkit.evaluation.tasks import items
 from qkit.evaluation.tasks.items import ARITHMETIC_FILE, XSUM_FILE  # noqa: F401  (scripts/vendor_data.py writes them)
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval"
+# One item's score. Bump when items.py or scoring.py would give another prompt or score for the same YAML.
+TASK_ITEMS = Kind("task_items", 1)
 FAMILIES = ("arithmetic", "code", "long_context", "summarization")
 # Generations are kept in the results for reading, cut to this many characters.
 _KEEP_OUTPUT_CHARS = 2000
@@ -131,6 +135,11 @@ def item_counts() -> list[dict]:
         rows.append({"task": t.name, "family": t.family, "items": n, "metric": t.metric,
                      "source": t.source, "license": t.license})
     return rows
+
+
+def fingerprint(task: Task) -> str:
+    """What a task's prompts and scores depend on besides qkit's code: its YAML's content."""
+    return hashlib.sha256((TASK_DIR / f"{task.name}.yaml").read_bytes()).hexdigest()[:16]
 
 
 def scoring_versions(task: Task) -> dict[str, str]:
