@@ -9,7 +9,9 @@ from qkit.cli import common
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     from qkit.evaluation import tasks
+    from qkit.evaluation.tasks import user
 
+    user.include(args.include_path)
     rows = tasks.item_counts()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -25,7 +27,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     split = lambda text: [m.strip() for m in text.split(",") if m.strip()] if text else None  # noqa: E731
     calib = common.calib(args)
+    from qkit.evaluation.tasks import user
+
     config = sensitivity.config(args.profile, model=args.model, methods=split(args.methods), tasks=split(args.tasks),
+                                include_path=args.include_path, families=user.parse_families(args.family) or None,
                                 limit=args.limit, trust_remote_code=args.trust_remote_code,
                                 context_lengths=common.ints(args.context_lengths) if args.context_lengths else None,
                                 calib=calib.name, samples=calib.n_samples, seq_len=calib.seq_len, seed=calib.seed)
@@ -44,6 +49,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tasks", help="list the offline lm-eval tasks with item counts and sources")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="list your lm-eval YAML tasks in DIR too")
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("sensitivity", help="score methods on arithmetic, code, long-context and summarization tasks")
@@ -51,6 +57,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: the profile's, fp8_dynamic,w8a8_int8,w4a16_gptq,w4a16_awq)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks or families (default: all; see `qkit tasks`)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="also your lm-eval YAML tasks in DIR (as lm_eval --include_path), named in --tasks")
+    p.add_argument("--family", action="append", metavar="FAMILY=TASK",
+                   help="the family of one of your tasks, e.g. code=my_task (repeatable; default: its own)")
     p.add_argument("--profile", default="quick", help="quick (minutes on a CPU) or full (default quick)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: the profile's)")
     p.add_argument("--context-lengths", default=None, metavar="N,N,...",

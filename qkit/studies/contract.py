@@ -59,12 +59,14 @@ class Result(Protocol):
 
 def config(profiles: Mapping[str, C], profile: str | C = "quick", **overrides: Any) -> C:
     """A study's config: a profile by name (or a config as it is) with the overrides that are not None;
-    lists become tuples, so configs stay hashable. An unknown field is a QkitError naming the fields."""
+    lists become tuples and dicts tuples of (key, value), so configs stay hashable. An unknown field is a
+    QkitError naming the fields."""
     base = lookup(profiles, profile, "profile") if isinstance(profile, str) else profile
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise QkitError(f"{type(base).__qualname__} has no field {', '.join(unknown)}",
                         f"use one of {', '.join(sorted(fields))}")
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    given = {k: tuple(v.items()) if isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+             for k, v in overrides.items() if v is not None}
     return dataclasses.replace(base, **given)

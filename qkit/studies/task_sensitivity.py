@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from qkit import models
+from qkit import data, models
 from qkit.core import provenance
 from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import TASK_PREFIX, EvalSpec, compare, metrics, tasks
 from qkit.evaluation.tasks import items as task_items
+from qkit.evaluation.tasks import user as user_tasks
 from qkit.quant import variants
 from qkit.studies import contract, plots, quantization_methods
 from qkit.studies.contract import Summary
@@ -55,6 +56,9 @@ class Config:
     model: str = models.DEFAULT_MODEL
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] | None = None
+    # The user's lm-eval YAML tasks (as lm_eval --include_path), and families for them: ((task, family), ...).
+    include_path: str | None = None
+    families: tuple[tuple[str, str], ...] = ()
     limit: int | None = None
     calib: str = "prose"
     samples: int = 32
@@ -137,6 +141,7 @@ def spread(n_available: int, limit: int) -> list[int]:
 
 def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Result:
     """Run the baseline and each method on each task (cached per item) and measure the KLD on the prompts."""
+    user_tasks.include(config.include_path, dict(config.families))
     tasks.resolve(config.tasks)  # fail on a typo before a model loads
     for spec in config.methods:
         variants.check(spec)
@@ -151,6 +156,7 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     a quantized KV cache."""
     prof, limit, calib = config, config.limit, config.calib_spec
     store = store or Store()
+    user_tasks.include(config.include_path, dict(config.families))
     chosen = tasks.resolve(config.tasks)
     max_len = loaded.info["max_length"]
     if any(t.needs_tokenizer for t in chosen):
@@ -200,8 +206,12 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
 def _task_kld(loaded: models.LoadedModel, task: tasks.Task, variant: variants.Variant, prof: Config, store: Store
               ) -> dict:
     prompts = tasks.get_task(task.prompts_of or task.name)
-    spec = EvalSpec(domain=TASK_PREFIX + prompts.name, n_tokens=prof.kld_tokens, ctx=min(512, prof.kld_tokens),
-                    batch_size=4)
+    n_tokens = prof.kld_tokens
+    if prompts.include_path != tasks.TASK_DIR:  # a user's task may hold fewer prompt tokens than asked for
+        held = len(data.text_tokens(tasks.prompts(prompts, loaded.tokenizer, loaded.info["max_length"]),
+                                    loaded.tokenizer, None))
+        n_tokens = min(n_tokens, held - held % min(512, n_tokens, held))
+    spec = EvalSpec(domain=TASK_PREFIX + prompts.name, n_tokens=n_tokens, ctx=min(512, n_tokens), batch_size=4)
     key = {"variant": variant.identity, "eval": spec.key(), "yaml": tasks.fingerprint(prompts),
            "items": tasks.TASK_ITEMS.version}  # the prompts come from the items' code
     result = store.get_json(TASK_KLD, key,
@@ -263,7 +273,7 @@ def family_table(res: Result, seed: int = 0) -> pd.DataFrame:
     by_task = task_table(res, seed)
     rows = []
     for method in res.meta["methods"]:
-        for family in tasks.FAMILIES:
+        for family in dict.fromkeys(tasks.get_task(t).family for t in res.meta["tasks"]):
             base, quant = _paired(res, method, lambda t: t.in_family_score, "family", family)
             if not base.size:
                 continue

