@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from qkit import cli
 from qkit.core.store import Store
 from qkit.evaluation import tasks as tasks_mod
-from qkit.quant.registry import STUDY_METHODS
+from qkit.quant.registry import BACKEND_METHODS, METHODS
 
 
 def run(capsys, *argv):
@@ -23,7 +23,8 @@ def test_methods_lists_every_method(capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["method", "format"]
-    assert [line.split()[0] for line in lines[1:]] == list(STUDY_METHODS)
+    assert [line.split()[0] for line in lines[1:len(METHODS | BACKEND_METHODS) + 1]] == list(METHODS | BACKEND_METHODS)
+    assert "recipe:FILE.yaml" in lines[-1]
 
 
 def _remote_code_dir(tmp_path: Path) -> Path:

@@ -78,7 +78,7 @@ def test_a_checkpoint_directory_is_a_variant_beside_the_methods(tiny, tmp_path) 
     shutil.copytree(ckpt.path, mine)
     theirs = studies.evaluate(tiny, variants.parse(tiny, str(mine)), SPEC)
     ours = studies.evaluate(tiny, variants.parse(tiny, "fp8_dynamic"), SPEC)
-    assert theirs["method"] == str(mine) and theirs["format"] == "float-quantized"
+    assert theirs["method"] == "my_checkpoint" and theirs["format"] == "float-quantized"
     assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"]) and theirs["size_mb"] == pytest.approx(ours["size_mb"])
-    with pytest.raises(QkitError, match="neither a quantization method nor a directory"):
+    with pytest.raises(QkitError, match="neither a quantization method nor a checkpoint"):
         variants.check("./no_such_checkpoint")

@@ -8,11 +8,13 @@ from qkit.cli import common
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from qkit.quant.registry import STUDY_METHODS
+    from qkit.quant.registry import BACKEND_METHODS, METHODS, RECIPE_DIR, STUDY_METHODS
 
-    common.print_table(("method", "format", "bits", "group", "calibration", "runs natively on"),
-                 [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", m.group_size or "-",
-                   "yes" if m.needs_calibration else "no", m.native_hardware) for m in STUDY_METHODS.values()])
+    common.print_table(("method", "format", "bits", "group", "calibration", "in study", "runs natively on"),
+                       [(m.name, m.weight_format, f"W{m.weight_bits}A{m.act_bits or 16}", m.group_size or "-",
+                         "yes" if m.needs_calibration else "no", "yes" if m.name in STUDY_METHODS else "no",
+                         m.native_hardware) for m in (METHODS | BACKEND_METHODS).values()])
+    print(f"\nllm-compressor recipes: {RECIPE_DIR}; pass your own as --method recipe:FILE.yaml")
     return 0
 
 
@@ -60,13 +62,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("quantize", help="quantize a model with one method; prints the checkpoint path")
     common.model_args(p)
-    p.add_argument("--method", required=True, help="a method from `qkit methods`")
+    p.add_argument("--method", required=True, metavar="METHOD|recipe:FILE",
+                   help="a method from `qkit methods`, or recipe:FILE.yaml (an llm-compressor recipe)")
     common.calib_args(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("evaluate", help="perplexity, KL divergence and top-1 agreement against the baseline")
     common.model_args(p)
-    p.add_argument("--method", required=True, help="a method from `qkit methods`, or a checkpoint directory")
+    p.add_argument("--method", required=True, metavar="VARIANT",
+                   help="a method from `qkit methods`, recipe:FILE.yaml, or a checkpoint made elsewhere: a "
+                        "directory (compressed-tensors, GPTQ, AWQ or float), a .gguf file or a cached hub id")
     common.calib_args(p)
     p.add_argument("--eval-text", metavar="NAME|PATH",
                    help="held-out text: prose, chat, code, or a data file whose held-out split (1 document in 10) "

@@ -7,5 +7,6 @@ from qkit.models.loader import (  # noqa: F401
     LoadedModel,
     fingerprint,
     load_pretrained,
+    locate,
     resolve_model,
 )

@@ -92,7 +92,9 @@ def _check_weights(path: Path) -> None:
                             "(pickled .bin files can run code when loaded)",
                             "convert it once where you trust the file: AutoModelForCausalLM.from_pretrained("
                             "DIR).save_pretrained(DIR) writes model.safetensors")
-        raise QkitError(f"{path} holds no *.safetensors weights",
+        found = sorted(p.name for p in path.iterdir())
+        raise QkitError(f"{path} holds no *.safetensors weights (it holds: {', '.join(found[:8])}"
+                        f"{', ...' if len(found) > 8 else ''})",
                         "save the model there with save_pretrained, or pass the directory that has them")
 
 
@@ -144,7 +146,7 @@ def _hub_snapshot(spec: str) -> Path | None:
         return None
 
 
-def _classify(spec: str) -> tuple[str, Path | None]:
+def locate(spec: str) -> tuple[str, Path | None]:
     """(kind, path): builtin, gguf (the file), local (the directory) or hub (the cached snapshot)."""
     if not isinstance(spec, str) or not spec:
         raise QkitError(f"a model spec must be a non-empty string, got {spec!r}",
@@ -173,7 +175,7 @@ def fingerprint(spec: str, store: Store | None = None) -> str:
 
     `store` is accepted for the module contract; no fingerprint depends on it.
     """
-    return _fingerprint(spec, *_classify(spec))
+    return _fingerprint(spec, *locate(spec))
 
 
 def _fingerprint(spec: str, kind: str, path: Path | None) -> str:
@@ -193,7 +195,7 @@ def resolve_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch
     """Load the model a spec names, with its tokenizer, a directory it loads from, and provenance."""
     dtype = as_dtype(dtype)
     store = store if store is not None else Store()
-    kind, path = _classify(spec)
+    kind, path = locate(spec)
     fp = _fingerprint(spec, kind, path)
     info: dict[str, Any] = {}
     if kind == "builtin":

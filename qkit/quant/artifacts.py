@@ -27,6 +27,16 @@ def saved_format(path: Path) -> str:
                         "pass a directory made by qkit.quant.methods.quantize (Checkpoint.path)") from None
 
 
+def checkpoint_format(path: Path) -> str:
+    """What a checkpoint made anywhere says it is: its compressed-tensors format, its quant_method (gptq,
+    awq), or "float" when config.json names no quantization."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    quant = config.get("quantization_config")
+    if not quant:
+        return "float"
+    return quant.get("format") if quant.get("quant_method") == "compressed-tensors" else quant.get("quant_method")
+
+
 def checkpoint_tensors(path: Path) -> list[tuple[str, str, int]]:
     """(name, dtype, bytes) of every tensor in a directory's safetensors files, read from their headers."""
     out = []

@@ -29,6 +29,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
     WeightFormat("int8", "INT8", 8.0, 2.0, ("int-quantized",)),
     WeightFormat("int4", "INT4", 4.0 + 16 / 128, 4.0, ("pack-quantized", "gptq")),  # W4A16, group 128
     WeightFormat("nvfp4", "NVFP4", 4.0 + 8 / 16, 3.3, ("nvfp4-pack-quantized",)),  # E2M1, E4M3 scale per 16
+    WeightFormat("mxfp4", "MXFP4", 4.0 + 8 / 32, None, ("mxfp4-pack-quantized",)),  # E2M1, E8M0 scale per 32
     WeightFormat("gguf_q8_0", "GGUF", 8.5, None),
     WeightFormat("gguf_q4_k_m", "GGUF", 4.85, None),
 )}

@@ -1,12 +1,15 @@
 """The quantization methods as data: one registry, one entry per method.
 
-A method is an entry, not a code path: its recipe is a tuple of `{"ModifierClass": {kwargs}}` steps,
-rendered as an llm-compressor recipe YAML (which is also what goes into the cache key and the
-provenance) and parsed back into modifier objects by llm-compressor itself. Each entry names the backend
-that builds it (:data:`BACKENDS`); adding a method means adding an entry."""
+llm-compressor's methods are recipe files in ``qkit/quant/recipes/``: the YAML ``oneshot(recipe=...)``
+takes, with a ``qkit:`` header (title, description, native hardware, calibration need). A user's
+``recipe:FILE.yaml`` is read by the same :func:`load_recipe`, so adding a method is adding a file. The
+recipe, rendered back as YAML, is what goes into the cache key and the provenance, and llm-compressor
+parses it into modifier objects itself. GPTQModel's and the GGUF writer's methods are entries below; each
+entry names the backend that builds it (:data:`BACKENDS`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -52,17 +55,20 @@ class Method:
     name: str
     title: str
     description: str
-    recipe: tuple[dict[str, dict[str, Any]], ...]
-    weight_bits: int
+    recipe: tuple[dict[str, dict[str, Any]], ...]  # modifier steps of a one-stage recipe
+    weight_bits: int | None  # None: not declared (a user's recipe): read from the checkpoint
     act_bits: int | None  # None: weight-only, activations stay in the model's float dtype
     group_size: int | None  # None: one scale per output channel or per tensor
     needs_calibration: bool
     native_hardware: Hardware
-    expected_format: str  # compressed-tensors "format" in the saved config.json
+    expected_format: str  # compressed-tensors "format" in the saved config.json ("" if not declared)
     reload_dtype: str = "float32"
     ignore: tuple[str, ...] = IGNORE
     kv_bits: int | None = None  # None: the KV cache stays in the model's float dtype
     backend: str = "llmcompressor"  # or a key of BACKENDS
+    recipe_text: str | None = None  # a recipe of another shape, as llm-compressor takes it
+    in_study: bool = True  # run by the methods study by default
+    source: str = ""  # the recipe file it was read from
 
     @property
     def weight_format(self) -> str:
@@ -70,157 +76,77 @@ class Method:
         return label_of_saved(self.expected_format)
 
 
-def _quantize_step(modifier: str, scheme: str) -> dict[str, dict[str, Any]]:
-    """The recipe step that quantizes every Linear layer but IGNORE with an llm-compressor preset."""
-    return {modifier: {"targets": ["Linear"], "scheme": scheme, "ignore": list(IGNORE)}}
-
-
-# SmolLM2-135M's linear layers take 576 inputs, and llm-compressor 0.14 refuses any group size that does not
-# divide a layer's input width (576 = 4.5 x 128), so the INT4 entries use group 64 instead of the presets'
-# 128. 64 also divides every width of a typical Llama (4096, 14336, ...).
+# Where the recipe files' `hardware:` names point.
+HARDWARE: dict[str, Hardware] = {"fp8": FP8_GPUS, "int4": INT4_GPUS, "int8": INT8_GPUS, "fp4": FP4_GPUS,
+                                 "llama_cpp": LLAMA_CPP}
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+# The INT4 recipes' group size (w4a16_rtn.yaml says why 64), which GPTQModel's INT4 entry matches.
 INT4_GROUP = 64
+RECIPE_PREFIX = "recipe:"
+# The header a recipe file may carry under `qkit:`; a user's recipe without one is described by what it
+# writes (format, bits and size are read from the checkpoint) and calibrated with the chosen set.
+_HEADER = {"title", "description", "kind", "study", "calibration", "hardware", "weight_bits", "act_bits",
+           "group_size", "format", "reload_dtype", "kv_bits"}
 
 
-def _int4_step(modifier: str, *, symmetric: bool) -> dict[str, dict[str, Any]]:
-    """Like the W4A16 / W4A16_ASYM presets, with group INT4_GROUP instead of their 128."""
-    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
-               "group_size": INT4_GROUP}
-    return {modifier: {"ignore": list(IGNORE),
-                       "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}}
+def _steps(recipe: dict) -> tuple[dict[str, dict[str, Any]], ...] | None:
+    """A one-stage, one-group recipe as its modifier steps; None for any other shape (kept as text)."""
+    if len(recipe) != 1:
+        return None
+    (stage,) = recipe.values()
+    if not isinstance(stage, dict) or len(stage) != 1:
+        return None
+    (group,) = stage.values()
+    if not isinstance(group, dict) or not all(isinstance(v, dict) for v in group.values()):
+        return None
+    return tuple({name: kwargs} for name, kwargs in group.items())
 
 
-_METHODS = (
-    Method(
-        name="fp8_dynamic",
-        title="FP8 W8A8, dynamic activations",
-        description="Weights are cast to 8-bit floating point with one scale per output channel; activations "
-                    "are cast to FP8 on the fly with one scale per token. No calibration data is needed.",
-        recipe=(_quantize_step("QuantizationModifier", "FP8_DYNAMIC"),),
-        weight_bits=8, act_bits=8, group_size=None, needs_calibration=False,
-        native_hardware=FP8_GPUS, expected_format="float-quantized",
-    ),
-    Method(
-        name="fp8_static",
-        title="FP8 W8A8, static activations",
-        description="Weights and activations in FP8 with one scale per tensor; the activation scales are "
-                    "fixed from calibration data, which saves work at runtime but can clip inputs unlike "
-                    "the calibration set.",
-        recipe=(_quantize_step("QuantizationModifier", "FP8"),),
-        weight_bits=8, act_bits=8, group_size=None, needs_calibration=True,
-        native_hardware=FP8_GPUS, expected_format="float-quantized",
-    ),
-    Method(
-        name="w8a8_int8",
-        title="INT8 W8A8, SmoothQuant + GPTQ",
-        description="SmoothQuant first migrates activation outliers into the weights, then GPTQ rounds the "
-                    "weights to INT8 per output channel; activations are quantized to INT8 per token at "
-                    "runtime.",
-        # 0.8 is llm-compressor's example strength for W8A8; its default 0.5 leaves more outliers in activations.
-        recipe=({"SmoothQuantModifier": {"smoothing_strength": 0.8}}, _quantize_step("GPTQModifier", "W8A8")),
-        weight_bits=8, act_bits=8, group_size=None, needs_calibration=True,
-        native_hardware=INT8_GPUS, expected_format="int-quantized",
-    ),
-    # The INT4 entries use group 64 (INT4_GROUP). SmolLM2-135M, the default model, reaches qkit as a Q4_1
-    # GGUF whose weights already sit on an asymmetric 4-bit grid in blocks of 32, so INT4 with group 32 could
-    # reproduce them and look falsely lossless. Measured on its layer-10 weights, symmetric RTN's relative
-    # error at group 64 is like a Gaussian matrix's of the same shape (q_proj 0.112 vs 0.108, down_proj
-    # 0.115 vs 0.108).
-    Method(
-        name="w4a16_rtn",
-        title="INT4 W4A16, round-to-nearest",
-        description="Weights rounded to the nearest 4-bit integer with one scale per group of 64 inputs; "
-                    "activations stay in 16 bits. No calibration: the baseline smarter INT4 methods must beat.",
-        recipe=(_int4_step("QuantizationModifier", symmetric=True),),
-        weight_bits=4, act_bits=None, group_size=INT4_GROUP, needs_calibration=False,
-        native_hardware=INT4_GPUS, expected_format="pack-quantized",
-    ),
-    Method(
-        name="w4a16_gptq",
-        title="INT4 W4A16, GPTQ",
-        description="The RTN format, but GPTQ rounds each weight column in turn and corrects the columns not yet "
-                    "rounded for its error, using second-order statistics of calibration activations.",
-        recipe=(_int4_step("GPTQModifier", symmetric=True),),
-        weight_bits=4, act_bits=None, group_size=INT4_GROUP, needs_calibration=True,
-        native_hardware=INT4_GPUS, expected_format="pack-quantized",
-    ),
-    Method(
-        name="w4a16_awq",
-        title="INT4 W4A16, AWQ",
-        description="AWQ searches per-channel scales that protect the weights meeting the largest "
-                    "activations and folds them into the previous layer; the weights are then rounded to "
-                    "4 bits with a zero point.",
-        # Since llm-compressor 0.14 AWQModifier only rescales; a following quantization modifier rounds the
-        # weights. Asymmetric (zero point) as in the AWQ paper and llm-compressor's AWQ examples.
-        recipe=({"AWQModifier": {}}, _int4_step("QuantizationModifier", symmetric=False)),
-        weight_bits=4, act_bits=None, group_size=INT4_GROUP, needs_calibration=True,
-        native_hardware=INT4_GPUS, expected_format="pack-quantized",
-    ),
-    Method(
-        name="nvfp4a16",
-        title="NVFP4 weights, 16-bit activations",
-        description="Weights in 4-bit floating point (E2M1) with an FP8 scale per 16 values and one FP32 "
-                    "scale per tensor; activations stay in 16 bits. No calibration data is needed.",
-        recipe=(_quantize_step("QuantizationModifier", "NVFP4A16"),),
-        weight_bits=4, act_bits=None, group_size=16, needs_calibration=False,
-        # NVFP4 weights decompress to bfloat16 on CPU, so an fp32 reload fails at the first matmul with
-        # "expected m1 and m2 to have the same dtype".
-        native_hardware=FP4_GPUS, expected_format="nvfp4-pack-quantized", reload_dtype="bfloat16",
-    ),
-    Method(
-        name="nvfp4",
-        title="NVFP4 W4A4",
-        description="Weights and activations both in NVFP4 (4-bit floats, an FP8 scale per 16 values); the "
-                    "activations' per-tensor scales come from calibration data.",
-        recipe=(_quantize_step("QuantizationModifier", "NVFP4"),),
-        weight_bits=4, act_bits=4, group_size=16, needs_calibration=True,
-        native_hardware=FP4_GPUS, expected_format="nvfp4-pack-quantized", reload_dtype="bfloat16",
-    ),
-)
+def load_recipe(path: str | Path, name: str | None = None) -> Method:
+    """A method from an llm-compressor recipe file (the YAML `oneshot(recipe=...)` takes), with qkit's
+    optional `qkit:` header: the built-in methods and a user's `recipe:FILE.yaml` take this one path."""
+    path = Path(path).expanduser()
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise QkitError(f"the recipe {path} could not be read: {e.strerror}", "pass the path of a recipe YAML file"
+                        ) from None
+    except yaml.YAMLError as e:
+        raise QkitError(f"the recipe {path} is not valid YAML: {' '.join(str(e).split())}",
+                        "fix the YAML (llm-compressor's recipe format)") from None
+    if not isinstance(doc, dict) or not doc:
+        raise QkitError(f"the recipe {path} holds no recipe", "write stages with modifiers, as llm-compressor's "
+                        "examples do (quant_stage: {quant_modifiers: {GPTQModifier: {...}}})")
+    header = doc.pop("qkit", None) or {}
+    unknown = sorted(set(header) - _HEADER)
+    if unknown:
+        raise QkitError(f"the recipe {path} has unknown qkit header fields {', '.join(unknown)}",
+                        f"use {', '.join(sorted(_HEADER))}")
+    text = yaml.safe_dump(doc, sort_keys=False)
+    steps = _steps(doc)
+    return Method(
+        name=name or f"{RECIPE_PREFIX}{path.stem}", title=header.get("title", f"recipe {path.name}"),
+        description=header.get("description", f"the llm-compressor recipe in {path}"),
+        recipe=steps if steps is not None else (), recipe_text=None if steps is not None else text,
+        weight_bits=header.get("weight_bits"), act_bits=header.get("act_bits"), group_size=header.get("group_size"),
+        needs_calibration=header.get("calibration", True),
+        native_hardware=HARDWARE.get(header.get("hardware"), Hardware("as its format allows", None)),
+        expected_format=header.get("format", ""), reload_dtype=header.get("reload_dtype", "float32"),
+        kv_bits=header.get("kv_bits"), in_study=header.get("study", True), source=str(path))
 
 
-# KV-cache quantization: llm-compressor's kv_cache_scheme calibrates the FP8 scales of the keys and values
-# (after RoPE) on the calibration set, one per layer (`tensor`) or one per KV head (`attn_head`); vLLM
-# then stores the cache in FP8. On reload, compressed-tensors fake-quantizes K and V in every attention
-# forward with those scales, so the quality cost is measurable on CPU.
-def _kv_scheme(strategy: str) -> dict[str, Any]:
-    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+def _builtin_recipes(kind: str) -> tuple[Method, ...]:
+    """The recipe files of one kind, the widest weights first (then by name), as tables list them."""
+    methods = []
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        header = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("qkit", {})
+        if header.get("kind", "weights") == kind:
+            methods.append(load_recipe(path, name=path.stem))
+    return tuple(sorted(methods, key=lambda m: (-(m.weight_bits or 0), m.name)))
 
 
-def _kv_step(strategy: str, scheme: str | None = None) -> dict[str, dict[str, Any]]:
-    step: dict[str, Any] = {"kv_cache_scheme": _kv_scheme(strategy)}
-    if scheme:
-        step.update(targets=["Linear"], scheme=scheme, ignore=list(IGNORE))
-    return {"QuantizationModifier": step}
-
-
-_KV_METHODS = (
-    Method(
-        name="kv_fp8_tensor",
-        title="KV cache FP8, per-tensor scales",
-        description="Weights stay in float; keys and values are stored in FP8 with one calibrated scale per "
-                    "layer for K and one for V.",
-        recipe=(_kv_step("tensor"),), weight_bits=16, act_bits=None, group_size=None, needs_calibration=True,
-        native_hardware=FP8_GPUS, expected_format="dense", kv_bits=8,
-    ),
-    Method(
-        name="kv_fp8_head",
-        title="KV cache FP8, per-head scales",
-        description="Like kv_fp8_tensor with one scale per KV head, so a head with small keys is not rounded "
-                    "on the grid of the head with the largest.",
-        recipe=(_kv_step("attn_head"),), weight_bits=16, act_bits=None, group_size=None, needs_calibration=True,
-        native_hardware=FP8_GPUS, expected_format="dense", kv_bits=8,
-    ),
-    Method(
-        name="fp8_static_kv_fp8_head",
-        title="FP8 W8A8 static + KV cache FP8 per head",
-        description="fp8_static's weights and activations with kv_fp8_head's cache: the all-FP8 deployment "
-                    "on Hopper.",
-        recipe=(_kv_step("attn_head", "FP8"),), weight_bits=8, act_bits=8, group_size=None,
-        needs_calibration=True, native_hardware=FP8_GPUS, expected_format="float-quantized", kv_bits=8,
-    ),
-)
-
-
+_METHODS = _builtin_recipes("weights")
+_KV_METHODS = _builtin_recipes("kv")
 # Who builds each method's checkpoint: a module with build(loaded, method, calib, out) -> manifest meta and
 # load(path, dtype=...) -> model (see qkit.quant.methods), imported only when one of its methods runs.
 BACKENDS = {"llmcompressor": "qkit.quant.backends.llmcompressor", "gguf": "qkit.quant.backends.gguf",
@@ -268,7 +194,7 @@ KV_METHODS: dict[str, Method] = {m.name: m for m in _KV_METHODS}
 BACKEND_METHODS: dict[str, Method] = {m.name: m for m in _BACKEND_METHODS}
 
 
-STUDY_METHODS: dict[str, Method] = METHODS | BACKEND_METHODS
+STUDY_METHODS: dict[str, Method] = {n: m for n, m in METHODS.items() if m.in_study} | BACKEND_METHODS
 
 
 # A checkpoint on disk names its format, not its method; every method of one format reloads alike.
@@ -277,6 +203,13 @@ RELOAD_DTYPES: dict[str, str] = {m.expected_format: m.reload_dtype
 
 
 def get_method(name: str) -> Method:
+    """A built-in method by name, or a user's recipe file as ``recipe:PATH``."""
+    if name.startswith(RECIPE_PREFIX):
+        path = Path(name.removeprefix(RECIPE_PREFIX)).expanduser()
+        if not path.is_file():
+            raise QkitError(f"the recipe file {path} does not exist",
+                            "pass recipe:PATH of an llm-compressor recipe YAML")
+        return load_recipe(path, name=f"{RECIPE_PREFIX}{path.name}")
     try:
         return METHODS.get(name) or BACKEND_METHODS.get(name) or KV_METHODS[name]
     except KeyError:
@@ -286,6 +219,9 @@ def get_method(name: str) -> Method:
 
 
 def recipe_yaml(method: Method) -> str:
-    """The method's recipe in llm-compressor's YAML recipe format (one stage, one modifier group)."""
+    """The method's recipe in llm-compressor's YAML recipe format (one stage, one modifier group), or a
+    user's recipe of another shape as it was written."""
+    if method.recipe_text is not None:
+        return method.recipe_text
     modifiers = {name: kwargs for step in method.recipe for name, kwargs in step.items()}
     return yaml.safe_dump({"quant_stage": {"quant_modifiers": modifiers}}, sort_keys=False)

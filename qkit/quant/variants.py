@@ -3,8 +3,10 @@
 A :class:`Variant` has a label (how tables name it), a cache identity (what the store keys its results
 by), a loader that runs on first use only (a run whose results are all cached loads nothing) and what is
 known of it for provenance. :func:`parse` is the one place a string becomes a variant, so that every
-study, notebook parameter and CLI option accepts the same things: a registry method, or a directory
-holding a checkpoint (compressed-tensors or a float model) whose tokenizer matches the base model's.
+study, notebook parameter and CLI option accepts the same things: a registry method, a user's
+``recipe:FILE.yaml``, or a checkpoint made elsewhere (a directory in compressed-tensors, GPTQ, AWQ or
+float; a .gguf file; a Hugging Face id in the local cache) whose architecture and tokenizer are the base
+model's.
 """
 from __future__ import annotations
 
@@ -55,15 +57,52 @@ def from_method(loaded: models.LoadedModel, method: str | registry.Method, *, ca
                    {"kind": "method", "method": ckpt.method.name, "checkpoint": str(ckpt.path)})
 
 
-def from_directory(loaded: models.LoadedModel, path: str | Path) -> Variant:
-    """A checkpoint directory made elsewhere: compressed-tensors (it names a `quantization_config`) or a
-    float model; refused before any work when its tokenizer is not the base model's."""
-    path = Path(path).expanduser()
+# What a checkpoint's config.json names as its quant_method, and who reloads it.
+RELOADERS = {"compressed-tensors": "llmcompressor", "gptq": "gptqmodel", "awq": "gptqmodel"}
+
+
+def check_architecture(loaded: models.LoadedModel, config: dict, name: str) -> None:
+    """QkitError unless `config` (a checkpoint's config.json) has the base model's shape: a variant of
+    another model would be compared token by token against the wrong one."""
+    base = loaded.model.config.to_dict()
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    differ = [f"{k} {config.get(k)} vs {base.get(k)}" for k in keys if config.get(k) != base.get(k)]
+    if differ:
+        raise QkitError(f"{name} is not a variant of the base model {loaded.spec}: {'; '.join(differ)}",
+                        "pass a checkpoint made from the model given as --model, or that model as --model")
+
+
+def from_directory(loaded: models.LoadedModel, path: str | Path, label: str | None = None) -> Variant:
+    """A checkpoint directory made elsewhere: compressed-tensors (llm-compressor), GPTQ or AWQ in the
+    Hugging Face format (reloaded through GPTQModel and optimum), or a float model (a fine-tune, a distilled
+    model). Refused before any work when its architecture or its tokenizer is not the base model's."""
+    path = Path(path).expanduser().resolve()
+    identity = models.fingerprint(str(path))  # a directory without config.json or safetensors fails here
+    config = json.loads((path / "config.json").read_text())
+    check_architecture(loaded, config, str(path))
     check_tokenizers(loaded.tokenizer, models.load_tokenizer(path), str(path))
-    quantized = "quantization_config" in json.loads((path / "config.json").read_text())
-    return Variant(str(path), models.fingerprint(str(path)),
-                   lambda: methods.load_quantized(path) if quantized else models.load_pretrained(path),
-                   info={"kind": "directory", "path": str(path), "quantized": quantized})
+    quant = config.get("quantization_config")
+    method = (quant or {}).get("quant_method")
+    if quant is not None and method not in RELOADERS:
+        raise QkitError(f"{path} is quantized with quant_method {method!r}, which qkit cannot reload",
+                        f"pass a checkpoint in one of {', '.join(RELOADERS)}, or a float model")
+    reload = (lambda: methods.backend(RELOADERS[method]).load(path)) if quant else (
+        lambda: models.load_pretrained(path))
+    return Variant(label or path.name, identity, reload,
+                   info={"kind": "directory", "path": str(path), "quantized": quant is not None,
+                         "quant_method": method})
+
+
+def from_gguf(loaded: models.LoadedModel, path: str | Path, store: Store | None = None) -> Variant:
+    """A llama.cpp GGUF file of the base model, read back (dequantized) as the GGUF model path reads it."""
+    path = Path(path).expanduser().resolve()
+    gguf = models.resolve_model(str(path), store=store)
+    config = json.loads((gguf.path / "config.json").read_text())
+    check_architecture(loaded, config, str(path))
+    check_tokenizers(loaded.tokenizer, gguf.tokenizer, str(path))
+    return Variant(path.name, gguf.info["fingerprint"], lambda: gguf.model,
+                   info={"kind": "gguf", "path": str(path), "file": str(path), "quantized": True,
+                         "converted": str(gguf.path)})
 
 
 def with_kv_cache(loaded: models.LoadedModel, cache: str, label: str | None = None) -> Variant:
@@ -76,18 +115,27 @@ def with_kv_cache(loaded: models.LoadedModel, cache: str, label: str | None = No
 def check(spec: str) -> None:
     """The QkitError :func:`parse` would raise for `spec` before it builds anything, so that a study fails on
     a typo before minutes of work."""
-    if Path(spec).expanduser().is_dir():
-        return
-    if "/" in spec or spec.startswith("."):
-        raise QkitError(f"{spec!r} is neither a quantization method nor a directory",
-                        "pass a method from `qkit methods` or the path of a checkpoint directory")
-    registry.get_method(spec)
+    if spec.startswith(registry.RECIPE_PREFIX):
+        registry.get_method(spec)
+    elif spec not in registry.STUDY_METHODS and spec not in registry.KV_METHODS:
+        try:
+            models.locate(spec)
+        except QkitError:
+            raise QkitError(f"{spec!r} is neither a quantization method nor a checkpoint (a directory, a .gguf "
+                            "file or a Hugging Face id in the local cache)",
+                            "pass a method from `qkit methods`, recipe:FILE.yaml, or a checkpoint's path") from None
 
 
 def parse(loaded: models.LoadedModel, spec: str, *, calib: CalibSpec | None = None,
           store: Store | None = None) -> Variant:
-    """A variant from what a user typed: a registry method or a checkpoint directory."""
+    """A variant from what a user typed: a registry method, recipe:FILE.yaml, a checkpoint directory, a
+    .gguf file, or a Hugging Face id in the local cache."""
     check(spec)
-    if Path(spec).expanduser().is_dir():
-        return from_directory(loaded, spec)
-    return from_method(loaded, spec, calib=calib, store=store)
+    if spec.startswith(registry.RECIPE_PREFIX) or spec in registry.STUDY_METHODS or spec in registry.KV_METHODS:
+        return from_method(loaded, spec, calib=calib, store=store)
+    kind, path = models.locate(spec)
+    if kind == "gguf":
+        return from_gguf(loaded, path, store=store)
+    if kind == "builtin":
+        raise QkitError(f"{spec!r} is a base model, not a variant of one", "pass it as --model instead")
+    return from_directory(loaded, path, label=spec if kind == "hub" else None)

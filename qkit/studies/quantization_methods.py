@@ -17,7 +17,7 @@ from qkit.core.errors import QkitError
 from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec, compare, metrics
-from qkit.quant import artifacts, registry, variants
+from qkit.quant import artifacts, formats, registry, variants
 from qkit.studies import contract, plots
 from qkit.studies.contract import Summary
 
@@ -64,19 +64,26 @@ def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:
     from its files, and the time and memory its build took."""
     bf16 = models.bf16_bytes(loaded.model)
     ckpt = variant.checkpoint
-    if ckpt is None:  # a directory made elsewhere
+    if ckpt is None:  # a checkpoint made elsewhere: what it is and weighs is read from its files
         path = Path(variant.info["path"])
-        size, fp32_elements = artifacts.safetensors_sizes(path)
+        if variant.info["kind"] == "gguf":
+            size, fp32_elements, saved = path.stat().st_size, 0, "gguf"
+        else:
+            (size, fp32_elements), saved = artifacts.safetensors_sizes(path), artifacts.checkpoint_format(path)
         return {"method": variant.label, "title": variant.info.get("kind"), "size_mb": size / 1e6,
+                "bits_per_weight": 8 * size / loaded.info["n_params"], "weight_format": formats.label_of_saved(saved),
                 "bf16_run_mb": (size - 2 * fp32_elements) / 1e6, "bf16_mb": bf16 / 1e6,
-                "reduction_vs_bf16": bf16 / (size - 2 * fp32_elements), "checkpoint": str(path),
-                "format": artifacts.saved_format(path) if variant.info.get("quantized") else "float"}
+                "reduction_vs_bf16": bf16 / (size - 2 * fp32_elements), "checkpoint": str(path), "format": saved}
     m = ckpt.method
+    saved = ckpt.meta.get("format")
     return {
-        "method": variant.label, "title": m.title, "weight_format": m.weight_format,
+        # A user's recipe declares no format: the checkpoint's own config says what it wrote.
+        "method": variant.label, "title": m.title,
+        "weight_format": m.weight_format if m.expected_format else formats.label_of_saved(saved or ""),
         "weight_bits": m.weight_bits, "act_bits": m.act_bits, "group_size": m.group_size,
         "needs_calibration": m.needs_calibration, "native_hardware": str(m.native_hardware),
-        "format": ckpt.meta.get("format"), "size_mb": ckpt.size_bytes / 1e6,
+        "format": saved, "size_mb": ckpt.size_bytes / 1e6,
+        "bits_per_weight": 8 * ckpt.size_bytes / loaded.info["n_params"],
         "bf16_run_mb": ckpt.bf16_run_bytes / 1e6, "bf16_mb": ckpt.bf16_bytes / 1e6,
         "reduction_vs_bf16": 1 / ckpt.bf16_ratio,
         "quant_seconds": ckpt.seconds, "quant_peak_rss_mb": ckpt.meta.get("peak_rss_bytes", 0) / 1e6,

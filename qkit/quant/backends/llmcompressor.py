@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from qkit import data, models
+from qkit.core.errors import QkitError
 from qkit.data import CalibSpec
 from qkit.quant.artifacts import measure_cost, safetensors_sizes, saved_format
-from qkit.quant.registry import RELOAD_DTYPES, Method, recipe_yaml
+from qkit.quant.registry import RECIPE_PREFIX, RELOAD_DTYPES, Method, recipe_yaml
 
 if TYPE_CHECKING:
     from llmcompressor.modifiers import Modifier
@@ -33,7 +34,13 @@ def recipe(method: Method) -> list[Modifier]:
     _quiet_llmcompressor()
     from llmcompressor.recipe import Recipe
 
-    return Recipe.create_instance(recipe_yaml(method)).modifiers
+    try:
+        return Recipe.create_instance(recipe_yaml(method)).modifiers
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # pydantic's ValidationError is a ValueError
+        message = " ".join(str(e).split()).rstrip(".")
+        raise QkitError(f"llm-compressor rejects the recipe of {method.name} ({method.source or 'built in'}): "
+                        f"{message[:300]}", "fix the recipe; llm-compressor's examples show each modifier's "
+                        "arguments") from None
 
 
 def build(loaded: models.LoadedModel, method: Method, calib: CalibSpec | None, out: Path) -> dict:
@@ -52,7 +59,16 @@ def build(loaded: models.LoadedModel, method: Method, calib: CalibSpec | None, o
                    # the calibration set is already a seeded sample: no second, unseeded shuffle
                    "shuffle_calibration_samples": False} if calib else {})
     with _oneshot_log(out / "oneshot.log"), cpu_without_pinning(), _forget_fx_wraps(), measure_cost() as cost:
-        oneshot(model=model, tokenizer=loaded.tokenizer, recipe=modifiers, dataset=dataset, **calib_args)
+        try:
+            oneshot(model=model, tokenizer=loaded.tokenizer, recipe=modifiers, dataset=dataset, **calib_args)
+        except ValueError as e:
+            # A modifier checks some arguments only when oneshot starts it: for a user's recipe that is
+            # the recipe's fault, said in one line; for a built-in one it is qkit's, and the trace stays.
+            if method.name.startswith(RECIPE_PREFIX):
+                message = " ".join(str(e).split())[:300].rstrip(".")
+                raise QkitError(f"llm-compressor rejects the recipe {method.source}: {message}",
+                                "fix the recipe; llm-compressor's examples show each modifier's arguments") from None
+            raise
     with warnings.catch_warnings():
         # oneshot leaves an hf_device_map saying "cpu", so transformers warns about offloaded modules
         # although the whole model is in RAM.
@@ -62,8 +78,8 @@ def build(loaded: models.LoadedModel, method: Method, calib: CalibSpec | None, o
     del model
     _release()
     size, fp32_elements = safetensors_sizes(out)
-    return {**cost, "format": saved_format(out), "size_bytes": size, "bf16_run_bytes": size - 2 * fp32_elements, "log": "oneshot.log",
-            "calibration_data": data.describe(calib.name) if calib else None}
+    return {**cost, "format": saved_format(out), "size_bytes": size, "bf16_run_bytes": size - 2 * fp32_elements,
+            "log": "oneshot.log", "calibration_data": data.describe(calib.name) if calib else None}
 
 
 def _release() -> None:

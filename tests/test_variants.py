@@ -1,0 +1,63 @@
+"""What a user brings as a variant: checkpoints made elsewhere (a float directory, a .gguf file, a GPTQ
+checkpoint written by GPTQModel, a recipe file), each refused before any work when it is not a variant of
+the base model."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qkit.core.errors import QkitError
+from qkit.evaluation import EvalSpec
+from qkit.quant import methods, variants
+from qkit.studies import quantization_methods as studies
+
+SPEC = EvalSpec(n_tokens=512, ctx=128)
+
+
+def test_a_float_directory_is_a_variant_with_no_loss(tiny, tmp_path: Path) -> None:
+    mine = shutil.copytree(tiny.path, tmp_path / "finetune")
+    row = studies.evaluate(tiny, variants.parse(tiny, str(mine)), SPEC)
+    assert row["method"] == "finetune" and row["format"] == "float" and row["kld_mean"] == pytest.approx(0, abs=1e-9)
+
+
+def test_a_gguf_file_is_read_back_as_the_gguf_path_reads_it(tiny, tmp_path: Path) -> None:
+    ckpt = methods.quantize(tiny, "gguf_q8_0")
+    mine = shutil.copy(ckpt.path / "model.gguf", tmp_path / "mine-q8_0.gguf")
+    variant = variants.parse(tiny, str(mine))
+    assert variant.info["kind"] == "gguf" and variant.label == "mine-q8_0.gguf"
+    row = studies.evaluate(tiny, variant, SPEC)
+    ours = studies.evaluate(tiny, variants.parse(tiny, "gguf_q8_0"), SPEC)
+    assert row["format"] == "gguf" and row["size_mb"] == pytest.approx(Path(mine).stat().st_size / 1e6)
+    assert row["kld_mean"] == pytest.approx(ours["kld_mean"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_gptq_checkpoint_written_by_gptqmodel_is_a_variant(tiny, tmp_path: Path) -> None:
+    ckpt = methods.quantize(tiny, "w4a16_gptq_gptqmodel")
+    mine = tmp_path / "gptq_from_elsewhere"
+    shutil.copytree(ckpt.path, mine, ignore=shutil.ignore_patterns("manifest.json"))  # no qkit trace left
+    assert json.loads((mine / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    row = studies.evaluate(tiny, variants.parse(tiny, str(mine)), SPEC)
+    ours = studies.evaluate(tiny, variants.parse(tiny, "w4a16_gptq_gptqmodel"), SPEC)
+    assert row["format"] == "gptq" and row["kld_mean"] == pytest.approx(ours["kld_mean"], rel=1e-6)
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_any_work(tiny, tmp_path: Path) -> None:
+    other = shutil.copytree(tiny.path, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(QkitError, match="is not a variant of the base model tiny: num_hidden_layers 2 vs 4"):
+        variants.parse(tiny, str(other))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(QkitError, match=r"holds no \*.safetensors weights \(it holds: config.json, notes.txt\)"):
+        variants.parse(tiny, str(empty))
+    with pytest.raises(QkitError, match="neither a quantization method nor a checkpoint"):
+        variants.check("no_such_method_or_path")
+    with pytest.raises(QkitError, match="is a base model, not a variant"):
+        variants.parse(tiny, "tiny")
