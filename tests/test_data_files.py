@@ -124,3 +124,13 @@ def test_a_column_after_a_colon_only_splits_a_real_path(tmp_path: Path) -> None:
     odd = tmp_path / "x:y"  # a file whose name holds a colon is that file
     odd.write_text("t")
     assert files.split_column(str(odd)) == (odd, None)
+
+
+def test_a_single_text_file_is_an_eval_text_as_a_whole_but_not_also_its_calibration(tmp_path: Path, tok) -> None:
+    path = tmp_path / "one.txt"
+    path.write_text(_doc(1) * 3)
+    assert sources._id_hash("one.txt") % 10 != 0  # the rule alone would give it an empty held-out split
+    assert data.eval_tokens(str(path), tok, 64).shape == (64,)
+    data.check_disjoint("prose", str(path))
+    with pytest.raises(QkitError, match="holds 1 document.*too few to split.*Fix: give it more documents"):
+        data.check_disjoint(str(path), str(path))

@@ -34,12 +34,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qkit import models
+    from qkit.data import check_disjoint
     from qkit.quant import variants
     from qkit.studies import quantization_methods as studies
 
     variants.check(args.method)  # bad input fails before a model loads
     calib = common.calib(args)
     config = studies.config("quick", eval_text=args.eval_text, eval_tokens=args.tokens, ctx=args.ctx)
+    check_disjoint(calib.name, config.eval_text)
     loaded = models.resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     row = studies.evaluate(loaded, variants.parse(loaded, args.method, calib=calib), config.eval_spec)
     if args.json:

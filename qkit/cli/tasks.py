@@ -52,7 +52,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", default=None, metavar="DIR", help="list your lm-eval YAML tasks in DIR too")
     p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("sensitivity", help="score methods on arithmetic, code, long-context and summarization tasks")
+    p = sub.add_parser("sensitivity", help="score methods on task families (arithmetic, code, long context, summarization, "
+                                         "commonsense, truthfulness, and your own lm-eval tasks)")
     common.model_args(p)
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: the profile's, fp8_dynamic,w8a8_int8,w4a16_gptq,w4a16_awq)")

@@ -21,6 +21,7 @@ from qkit.data.sources import (  # noqa: F401
     calibration_rows,
     calibration_set,
     check_calibration,
+    check_disjoint,
     check_seq_len,
     check_text,
     describe,

@@ -56,8 +56,22 @@ def _split(domain: str, split: str) -> tuple[tuple[str, Any], ...]:
     """(id, payload) pairs of one split, ordered by id hash; payload is text, or messages for chat."""
     heldout = split == "heldout"
     docs = [d for d in _load(domain) if (_id_hash(d[0]) % _HELDOUT_MOD == 0) == heldout]
+    if heldout and not docs and domain not in EVAL_DOMAINS:
+        # A user's file with too few documents for the rule (a single .txt) is an eval text as a whole;
+        # check_disjoint refuses to also calibrate on it.
+        docs = list(_load(domain))
     return tuple(sorted(docs, key=lambda d: _id_hash(d[0])))
 
+
+def check_disjoint(calib: str, text: str) -> None:
+    """Raise when a user's file is both the calibration set and the eval text but holds too few documents
+    to split: the evaluation would see the documents the method was calibrated on."""
+    if calib == text and text not in EVAL_DOMAINS and not any(
+            _id_hash(i) % _HELDOUT_MOD == 0 for i, _ in _load(text)):
+        raise QkitError(f"{text} holds {len(_load(text))} document(s), too few to split into calibration and "
+                        "held-out documents, and is both the calibration set and the eval text",
+                        "give it more documents (one per JSONL line, table row or .txt file), or evaluate on "
+                        "another text")
 
 def _plain_chat(messages: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)

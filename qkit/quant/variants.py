@@ -112,12 +112,18 @@ def with_kv_cache(loaded: models.LoadedModel, cache: str, label: str | None = No
                    info={"kind": "runtime KV cache", "cache": cache})
 
 
+def is_method(spec: str) -> bool:
+    """Whether `spec` names a method (built in, or recipe:FILE) rather than a checkpoint."""
+    return spec.startswith(registry.RECIPE_PREFIX) or any(
+        spec in table for table in (registry.METHODS, registry.BACKEND_METHODS, registry.KV_METHODS))
+
+
 def check(spec: str) -> None:
     """The QkitError :func:`parse` would raise for `spec` before it builds anything, so that a study fails on
     a typo before minutes of work."""
     if spec.startswith(registry.RECIPE_PREFIX):
         registry.get_method(spec)
-    elif spec not in registry.STUDY_METHODS and spec not in registry.KV_METHODS:
+    elif not is_method(spec):
         try:
             models.locate(spec)
         except QkitError:
@@ -131,7 +137,7 @@ def parse(loaded: models.LoadedModel, spec: str, *, calib: CalibSpec | None = No
     """A variant from what a user typed: a registry method, recipe:FILE.yaml, a checkpoint directory, a
     .gguf file, or a Hugging Face id in the local cache."""
     check(spec)
-    if spec.startswith(registry.RECIPE_PREFIX) or spec in registry.STUDY_METHODS or spec in registry.KV_METHODS:
+    if is_method(spec):
         return from_method(loaded, spec, calib=calib, store=store)
     kind, path = models.locate(spec)
     if kind == "gguf":

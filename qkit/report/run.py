@@ -105,7 +105,9 @@ def _run_one(path: Path, params: dict, out: Path, kernel_name: str | None, timeo
     try:
         # papermill saves after every cell, so a failed run leaves its partial notebook behind.
         papermill.execute_notebook(
-            str(path), str(executed), parameters=params, cwd=str(path.parent),
+            # The caller's directory, so that a relative path in a parameter (your data, checkpoint or
+            # recipe) means what it means on the command line; the notebooks read no files of their own.
+            str(path), str(executed), parameters=params, cwd=os.getcwd(),
             kernel_name=kernel_name or "python3", progress_bar=sys.stderr.isatty(),
             execution_timeout=timeout,
             kernel_manager_class=_kernel_manager_class(kernel_name, {SUMMARY_ENV: str(summary_path.resolve())}))

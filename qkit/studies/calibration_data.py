@@ -85,6 +85,8 @@ def check_grid(grid: Config, max_len: int) -> None:
         data.check_seq_len(spec.seq_len, max_len)
     for text in grid.eval_texts:
         data.check_text(text)
+        for source in grid.sources:
+            data.check_disjoint(source, text)
     if grid.curve_source not in grid.sources:
         raise QkitError(f"curve_source {grid.curve_source!r} is not among the sources {grid.sources}",
                         "add it to the sources")

@@ -145,10 +145,9 @@ def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n
 
 
 def _serve_key(spec: str) -> Any:
-    """What identifies a method or model directory's answers, without loading it."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return models.fingerprint(str(path))
+    """What identifies a method's or a checkpoint's answers, without loading it."""
+    if not variants.is_method(spec):
+        return models.fingerprint(spec)
     method = registry.get_method(spec)
     return {"method": method.name, "recipe": registry.recipe_yaml(method)}
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from qkit import data, models
 from qkit.core.errors import QkitError
-from qkit.core.store import Kind, Store
+from qkit.core.store import MANIFEST, Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec, compare, metrics
 from qkit.quant import artifacts, formats, registry, variants
@@ -139,6 +139,7 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     names = list(config.methods or registry.STUDY_METHODS)
     for name in names:
         variants.check(name)  # fail on a typo before spending minutes on the first methods
+    data.check_disjoint(config.calib, config.eval_text)
     calib, eval_spec = config.calib_spec, config.eval_spec
     loaded = models.resolve_model(config.model, store=store)
     rows = []
@@ -232,12 +233,14 @@ def rank_findings(df: pd.DataFrame, metric: str, label: str, *, higher_is_better
 
 
 def methods_table(method_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """The registry as a table: what each method stores, whether it calibrates, where it runs natively."""
-    rows = [{"method": m.name, "what it is": m.title, "weights": m.weight_format,
-             "bits (W/A)": f"{m.weight_bits}/{m.act_bits or 16}", "group": m.group_size or "-",
-             "calibration": "yes" if m.needs_calibration else "no", "runs natively on": str(m.native_hardware)}
-            for m in (registry.get_method(n) for n in (method_names or registry.STUDY_METHODS))]
-    return pd.DataFrame(rows).set_index("method")
+    """The registry as a table: what each method stores, whether it calibrates, where it runs natively.
+    Checkpoints made elsewhere are not methods: the results table says what they hold."""
+    names = [n for n in (method_names or registry.STUDY_METHODS) if variants.is_method(n)]
+    rows = [{"method": m.name, "what it is": m.title, "weights": m.weight_format or "from the checkpoint",
+             "bits (W/A)": f"{m.weight_bits}/{m.act_bits or 16}" if m.weight_bits else "from the checkpoint",
+             "group": m.group_size or "-", "calibration": "yes" if m.needs_calibration else "no",
+             "runs natively on": str(m.native_hardware)} for m in map(registry.get_method, names)]
+    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
 
 
 RESULT_COLUMNS = {
@@ -302,7 +305,8 @@ def gguf_tensor_types(df: pd.DataFrame) -> pd.DataFrame:
     """Tensors of each block type in each GGUF checkpoint: the mix llama-quantize's rules chose."""
     rows = []
     for _, r in _built(df).iterrows():
-        meta = Store.manifest(Path(r["checkpoint"]))["meta"]
+        manifest = Path(r["checkpoint"]) / MANIFEST
+        meta = Store.manifest(Path(r["checkpoint"]))["meta"] if manifest.exists() else {}  # none: made elsewhere
         if meta.get("backend") == "gguf":
             rows.append({"method": r["method"], **meta["tensor_types"]})
     return pd.DataFrame(rows).set_index("method").fillna(0).astype(int) if rows else pd.DataFrame()
@@ -333,8 +337,12 @@ def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
     """Where each result came from: the checkpoint's manifest (recipe, calibration, seed, versions)."""
     rows = []
     for _, r in _built(df).iterrows():
+        path = Path(r["checkpoint"])
+        if path.exists() and not (path / MANIFEST).exists():
+            rows.append({"method": r["method"], "cache key": f"made elsewhere: {path}"})
+            continue
         try:
-            m = Store.manifest(Path(r["checkpoint"]))
+            m = Store.manifest(path)
         except OSError:  # the result was read from the store, its checkpoint since cleaned away
             rows.append({"method": r["method"], "cache key": f"{r['checkpoint']} (no longer in the store)"})
             continue

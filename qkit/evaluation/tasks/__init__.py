@@ -1,4 +1,4 @@
-"""qkit's offline task suite: lm-eval tasks with local data, grouped into four families.
+"""qkit's offline task suite: lm-eval tasks with local data, grouped into families.
 
 Every task is a YAML file in ``qkit/evaluation/tasks/lm_eval/`` whose data comes from :mod:`qkit.evaluation.tasks.items` and
 whose per-item scores come from :mod:`qkit.evaluation.tasks.scoring`, so it also runs without qkit's runner:
