@@ -61,3 +61,17 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_work(tiny, tmp_path
         variants.check("no_such_method_or_path")
     with pytest.raises(QkitError, match="is a base model, not a variant"):
         variants.parse(tiny, "tiny")
+
+
+def test_a_hugging_face_id_in_the_local_cache_is_a_variant(tiny, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-finetune"
+    shutil.copytree(tiny.path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    variant = variants.parse(tiny, "someone/tiny-finetune")
+    assert variant.label == "someone/tiny-finetune" and not variant.info["quantized"]
+    assert studies.evaluate(tiny, variant, SPEC)["kld_mean"] == pytest.approx(0, abs=1e-9)
