@@ -15,6 +15,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _user_tasks_stay_in_their_test():
+    """A user's tasks are registered for the process, as lm-eval's TaskManager does; a test's must not
+    leak into the next test's task lists."""
+    from qkit.evaluation import tasks
+
+    before = dict(tasks.USER_TASKS)
+    yield
+    tasks.USER_TASKS.clear()
+    tasks.USER_TASKS.update(before)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in tiny model, loaded once for the whole run."""

@@ -11,8 +11,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from qkit.evaluation import tasks
     from qkit.evaluation.tasks import user
 
-    user.include(args.include_path)
-    rows = tasks.item_counts()
+    rows = tasks.item_counts(user.include(args.include_path))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

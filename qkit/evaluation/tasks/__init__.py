@@ -146,11 +146,11 @@ def check_limit(task: Task, limit: int | None, available: int) -> int:
     return limit
 
 
-def item_counts() -> list[dict]:
-    """One row per task for `qkit tasks` (the user's included ones last); passkey counts are for the
+def item_counts(user: Sequence[Task] = ()) -> list[dict]:
+    """One row per task for `qkit tasks`, the built-in ones and then `user`'s; passkey counts are for the
     default lengths and depths."""
     rows = []
-    for t in (*_TASKS, *USER_TASKS.values()):
+    for t in (*_TASKS, *user):
         n = (len(items.CONTEXT_LENGTHS) * len(items.DEPTHS) * items.PASSKEY_PER_CELL
              if t.needs_tokenizer else len(t.load()))
         rows.append({"task": t.name, "family": t.family, "items": n, "metric": t.metric,
