@@ -58,7 +58,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_any_work(tiny, tmp_path
     with pytest.raises(QkitError, match=r"holds no \*.safetensors weights \(it holds: config.json, notes.txt\)"):
         variants.parse(tiny, str(empty))
     with pytest.raises(QkitError, match="neither a quantization method nor a checkpoint"):
-        variants.check("no_such_method_or_path")
+        variants.check("./no_such_method_or_path")
     with pytest.raises(QkitError, match="is a base model, not a variant"):
         variants.parse(tiny, "tiny")
 

@@ -214,7 +214,8 @@ def get_method(name: str) -> Method:
         return METHODS.get(name) or BACKEND_METHODS.get(name) or KV_METHODS[name]
     except KeyError:
         raise QkitError(f"unknown quantization method {name!r}",
-                        f"use one of {', '.join(STUDY_METHODS | KV_METHODS)} (`qkit methods` describes them)"
+                        f"use one of {', '.join(METHODS | BACKEND_METHODS | KV_METHODS)} (`qkit methods` "
+                        "describes them), or recipe:FILE.yaml"
                         ) from None
 
 
