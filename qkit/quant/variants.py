@@ -124,7 +124,8 @@ def check(spec: str) -> None:
     if spec.startswith(registry.RECIPE_PREFIX):
         registry.get_method(spec)
     elif not is_method(spec):
-        if not ("/" in spec or spec.startswith(".") or spec.endswith(".gguf") or Path(spec).expanduser().exists()):
+        if not ("/" in spec or spec.startswith(".") or spec.endswith(".gguf") or spec in models.BUILTINS
+                or Path(spec).expanduser().exists()):
             registry.get_method(spec)  # a name, not a path: "unknown quantization method", with the list
         try:
             models.locate(spec)
