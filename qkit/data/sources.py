@@ -66,9 +66,11 @@ def _split(domain: str, split: str) -> tuple[tuple[str, Any], ...]:
 def check_disjoint(calib: str, text: str) -> None:
     """Raise when a user's file is both the calibration set and the eval text but holds too few documents
     to split: the evaluation would see the documents the method was calibrated on."""
-    if calib == text and text not in EVAL_DOMAINS and not any(
-            _id_hash(i) % _HELDOUT_MOD == 0 for i, _ in _load(text)):
-        raise QkitError(f"{text} holds {len(_load(text))} document(s), too few to split into calibration and "
+    if calib != text or text in EVAL_DOMAINS:
+        return
+    docs = _load(text)
+    if not any(_id_hash(i) % _HELDOUT_MOD == 0 for i, _ in docs):
+        raise QkitError(f"{text} holds {len(docs)} document(s), too few to split into calibration and "
                         "held-out documents, and is both the calibration set and the eval text",
                         "give it more documents (one per JSONL line, table row or .txt file), or evaluate on "
                         "another text")
