@@ -77,6 +77,27 @@ def test_tables_pair_items_by_id_and_pool_families() -> None:
     plots.recovery_by_family(fam.reset_index())
 
 
+def test_a_rolling_likelihood_task_is_scored_by_its_weighted_aggregate(tmp_path) -> None:
+    tasks.register(tasks.Task("my_wiki", "my_wiki", "word_perplexity", "mine", "mine", lambda **_: [],
+                              binary=False, higher_is_better=False, in_family_score=False,
+                              include_path=tmp_path, aggregation="weighted_perplexity"))
+    nll_b, nll_q, words = [1.0, 2.0, 3.0], [1.1, 2.0, 3.3], [10.0, 1.0, 5.0]
+    rows = [{"method": m, "task": "my_wiki", "family": "my_wiki", "id": str(i), "score": s, "weight": w,
+             "output": None} for m, scores in (("baseline", nll_b), ("m", nll_q)) for i, (s, w) in
+            enumerate(zip(scores, words))]
+    kld = pd.DataFrame([{"method": "m", "task": "my_wiki", "kld_mean": 0.01}])
+    res = S.Result(S.PROFILES["quick"], pd.DataFrame(rows), kld, {"methods": ["m"], "tasks": ["my_wiki"]})
+    row = S.task_table(res).set_index("task").loc["my_wiki"]
+    # Perplexity over all words, as lm-eval aggregates: exp(sum(nll * words) / sum(words)), not a mean of items.
+    assert row["score_base"] == pytest.approx(np.exp((10 * 1.0 + 2.0 + 5 * 3.0) / 16))
+    assert row["score"] == pytest.approx(np.exp((10 * 1.1 + 2.0 + 5 * 3.3) / 16))
+    assert row["recovery_pct"] == pytest.approx(100 * row["score_base"] / row["score"])
+    assert row["diff_low"] <= row["diff"] <= row["diff_high"] and np.isnan(row.get("correct_to_wrong", np.nan))
+    assert S.family_table(res).empty  # perplexity is never pooled with accuracies
+    shown = S.display_table(S.task_table(res))
+    assert shown.loc[("m", "my_wiki"), "baseline"] == f"{row['score_base']:.4f}"
+
+
 def test_findings_follow_the_cis_not_the_claim() -> None:
     n = 40
     clear = _result({("baseline", "qkit_gsm8k"): [1] * n, ("m", "qkit_gsm8k"): [1] * 10 + [0] * 30,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qkit.core.errors import QkitError
-from qkit.evaluation import tasks
+from qkit.evaluation import metrics, tasks
 from qkit.evaluation.tasks import user
 
 QUESTIONS = [("What is two plus two?", ["four", "five", "twenty-two"]),
@@ -52,6 +52,41 @@ def test_a_users_task_scores_per_item_as_lm_eval_aggregates(tiny, tmp_path, outp
     assert [r["id"] for r in records] == [str(i) for i in range(8)]
     assert set(r["score"] for r in records) <= {0.0, 1.0}
     assert np.mean([r["score"] for r in records]) == pytest.approx(aggregate, abs=1e-12)
+
+
+def write_rolling_task(folder: Path, name: str = "my_rolling_task", metric: str = "word_perplexity") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = ["The sky is blue and the grass is green.", "Two plus two makes four, said the teacher.",
+             "Paris is the capital of France, and Rome the capital of Italy.", "It was cold, so we stayed in.",
+             "A short one.", "The opposite of hot is cold, and the opposite of up is down, as everyone knows."]
+    with open(folder / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        f"metric_list:\n  - metric: {metric}\n  - metric: bits_per_byte\n")
+    return folder
+
+
+@pytest.mark.parametrize("metric", ["word_perplexity", "bits_per_byte"])
+def test_a_users_rolling_likelihood_task_scores_as_lm_eval_aggregates(tiny, tmp_path, metric) -> None:
+    (task,) = user.include(write_rolling_task(tmp_path / metric, f"rolling_{metric}", metric))
+    assert not task.binary and not task.higher_is_better and not task.in_family_score
+    records, aggregate = tasks.evaluate(tiny.model, tiny.tokenizer, task, range(6), batch_size=2,
+                                        max_length=tiny.info["max_length"])
+    nll, weight = [r["score"] for r in records], [r["weight"] for r in records]
+    assert len(set(weight)) > 1  # the items differ in length, so a plain mean would not do
+    assert metrics.weighted_score(nll, weight, task.aggregation) == pytest.approx(aggregate, rel=1e-12)
+    # The prompts whose KLD the study measures are the scored texts themselves.
+    assert tasks.prompts(task, tiny.tokenizer)[0].startswith("The sky is blue")
+
+
+def test_a_rolling_task_with_an_unsplittable_metric_is_refused(tmp_path) -> None:
+    folder = write_rolling_task(tmp_path / "bad", "rolling_bad")
+    (folder / "rolling_bad.yaml").write_text((folder / "rolling_bad.yaml").read_text().replace(
+        "metric: word_perplexity", "metric: acc"))
+    with pytest.raises(QkitError, match="scored by acc, which qkit cannot split per item"):
+        user.include(folder)
 
 
 @pytest.mark.slow

@@ -191,7 +191,8 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
             done = store.get_items(tasks.TASK_ITEMS, spec, ids, compute, batch=max(prof.batch_size, 16))
             seconds[(label, task.name)] = round(time.perf_counter() - started, 2)
             rows += [{"method": label, "task": task.name, "family": task.family, "id": i,
-                      "score": r["score"], "output": r.get("output")} for i, r in done.items()]
+                      "score": r["score"], "weight": r.get("weight", 1.0), "output": r.get("output")}
+                     for i, r in done.items()]
             if label != BASELINE:
                 kld_rows.append({"method": label, "task": task.name,
                                  **_task_kld(loaded, task, variant, prof, store)})
@@ -224,25 +225,35 @@ def _task_kld(loaded: models.LoadedModel, task: tasks.Task, variant: variants.Va
 
 
 def _paired(res: Result, method: str, task_filter: Callable[[tasks.Task], bool] | None,
-            group: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+            group: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Baseline and `method` scores on the items both have, and the items' weights."""
     df = res.items
     sel = df[group] == key
-    base = df[(df["method"] == BASELINE) & sel].set_index(["task", "id"])["score"]
+    base = df[(df["method"] == BASELINE) & sel].set_index(["task", "id"])
     quant = df[(df["method"] == method) & sel].set_index(["task", "id"])["score"]
     if task_filter is not None:
         keep = [t for t in base.index.get_level_values(0).unique() if task_filter(tasks.get_task(t))]
         base, quant = base[base.index.get_level_values(0).isin(keep)], quant[quant.index.get_level_values(0).isin(keep)]
     common = base.index.intersection(quant.index)
-    return base.loc[common].to_numpy(float), quant.loc[common].to_numpy(float)
+    weight = base.loc[common]["weight"] if "weight" in base else pd.Series(1.0, index=common)
+    return (base.loc[common]["score"].to_numpy(float), quant.loc[common].to_numpy(float),
+            weight.fillna(1.0).to_numpy(float))
 
 
 def compare_scores(base: np.ndarray, quant: np.ndarray, *, higher_is_better: bool = True, binary: bool = True,
-                   seed: int = 0) -> dict:
-    """Score, recovery, paired-bootstrap CI of the difference and flips for one set of paired items."""
-    out: dict[str, Any] = {"n": int(base.size), "score_base": float(base.mean()) if base.size else np.nan,
-                           "score": float(quant.mean()) if quant.size else np.nan}
-    diff, low, high = (metrics.mean_ci(quant, paired_with=base, seed=seed) if base.size
-                       else (np.nan, np.nan, np.nan))
+                   seed: int = 0, weights: np.ndarray | None = None, aggregation: str = "mean") -> dict:
+    """Score, recovery, paired-bootstrap CI of the difference and flips for one set of paired items.
+    A rolling-likelihood task's scores are per-item NLL per unit with ``weights`` (units per item), and
+    its score is lm-eval's ``aggregation`` of them (:func:`qkit.evaluation.metrics.weighted_score`)."""
+    if aggregation != "mean" and base.size:
+        diff, low, high = metrics.weighted_diff_ci(quant, base, weights, aggregation, seed=seed)
+        out: dict[str, Any] = {"n": int(base.size), "score_base": metrics.weighted_score(base, weights, aggregation),
+                               "score": metrics.weighted_score(quant, weights, aggregation)}
+    else:
+        out = {"n": int(base.size), "score_base": float(base.mean()) if base.size else np.nan,
+               "score": float(quant.mean()) if quant.size else np.nan}
+        diff, low, high = (metrics.mean_ci(quant, paired_with=base, seed=seed) if base.size
+                           else (np.nan, np.nan, np.nan))
     out.update(diff=diff, diff_low=low, diff_high=high)
     out["recovery_pct"], out["recovery_low"], out["recovery_high"] = metrics.recovery_ci(
         out["score_base"], out["score"], diff, low, high, higher_is_better)
@@ -257,10 +268,10 @@ def task_table(res: Result, seed: int = 0) -> pd.DataFrame:
     for method in res.meta["methods"]:
         for name in res.meta["tasks"]:
             task = tasks.get_task(name)
-            base, quant = _paired(res, method, None, "task", name)
+            base, quant, weights = _paired(res, method, None, "task", name)
             row = {"method": method, "task": name, "family": task.family, "metric": task.metric,
                    **compare_scores(base, quant, higher_is_better=task.higher_is_better, binary=task.binary,
-                                    seed=seed)}
+                                    seed=seed, weights=weights, aggregation=task.aggregation)}
             k = res.kld[(res.kld["method"] == method) & (res.kld["task"] == name)] if len(res.kld) else res.kld
             row["kld_mean"] = float(k["kld_mean"].iloc[0]) if len(k) else np.nan
             rows.append(row)
@@ -274,7 +285,7 @@ def family_table(res: Result, seed: int = 0) -> pd.DataFrame:
     rows = []
     for method in res.meta["methods"]:
         for family in dict.fromkeys(tasks.get_task(t).family for t in res.meta["tasks"]):
-            base, quant = _paired(res, method, lambda t: t.in_family_score, "family", family)
+            base, quant, _ = _paired(res, method, lambda t: t.in_family_score, "family", family)
             if not base.size:
                 continue
             fam_tasks = [t for t in res.meta["tasks"] if tasks.get_task(t).family == family
@@ -382,7 +393,8 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
     recovery, flips and KLD. Likelihood rows (nats per byte) are shown as they are, not in %."""
     rows = []
     for _, r in df.iterrows():
-        pct = r.get("metric") != "nll_per_byte"  # scores are fractions shown in %; likelihoods as they are
+        # Scores are fractions shown in %; likelihoods and perplexities as they are.
+        pct = r.get("metric") not in ("nll_per_byte", *user_tasks.ROLLING_AGGREGATION)
         scale, digits = (100, 1) if pct else (1, 4)
         rows.append({
             "method": r["method"], ("task" if "task" in r else "family"): r.get("task", r.get("family")),

@@ -56,6 +56,9 @@ class Task:
     prompts_of: str | None = None
     # Where lm-eval finds the task's YAML: qkit's folder, or the user's include path.
     include_path: Path = TASK_DIR
+    # "mean" of per-item scores, or a `loglikelihood_rolling` task's aggregation (a key of
+    # metrics.WEIGHTED_AGGREGATIONS): its per-item score is then NLL per word or byte, with a weight.
+    aggregation: str = "mean"
 
 
 _TASKS = (
@@ -196,7 +199,9 @@ def prompts(task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int | No
     options = ({"context_lengths": [min(1024, max_length or 1024)], "depths": [0.0, 0.5, 1.0], "per_cell": 4}
                if task.needs_tokenizer else {})
     lm_task = _task_manager(task, tokenizer, options, max_length).load([task.name])["tasks"][task.name]
-    return [lm_task.doc_to_text(doc) for doc in lm_task.test_docs()]
+    # A rolling-likelihood task scores its target text and has no prompt of its own.
+    render = lm_task.doc_to_target if lm_task.OUTPUT_TYPE == "loglikelihood_rolling" else lm_task.doc_to_text
+    return [render(doc) for doc in lm_task.test_docs()]
 
 
 def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, indices: Sequence[int], *,
@@ -206,7 +211,9 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: T
     the task's score as lm-eval aggregated it over those items.
 
     A record holds ``index``, ``id``, ``score`` (the task's metric), every metric lm-eval logged, and the
-    generation (``output``) for generative tasks. ``options`` reach the task's data hook as lm-eval
+    generation (``output``) for generative tasks. A rolling-likelihood metric, which lm-eval logs as a
+    (log-likelihood, words or bytes) pair, becomes ``score`` = NLL per unit and ``weight`` = the units.
+    ``options`` reach the task's data hook as lm-eval
     metadata (passkey: context_lengths, depths, per_cell; its tokenizer is `tokenizer`). ``max_gen_toks``
     caps the task's own generation length.
     """
@@ -222,12 +229,17 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: T
     result = simple_evaluate(model=lm, tasks=[lm_task], task_manager=manager,
                              samples={task.name: list(indices)}, log_samples=True, bootstrap_iters=0,
                              confirm_run_unsafe_code=task.unsafe_code, verbosity="ERROR")
+    def per_unit(value: Any) -> float:
+        return -value[0] / value[1] if isinstance(value, (tuple, list)) else float(value)
+
     records = []
     for sample in sorted(result["samples"][task.name], key=lambda s: s["doc_id"]):
         out = sample["filtered_resps"][0]
         rec = {"index": sample["doc_id"], "id": str(sample["doc"].get("id", sample["doc_id"])),
-               "score": float(sample[task.metric]),
-               "metrics": {m: float(sample[m]) for m in sample.get("metrics", [task.metric])}}
+               "score": per_unit(sample[task.metric]),
+               "metrics": {m: per_unit(sample[m]) for m in sample.get("metrics", [task.metric])}}
+        if isinstance(sample[task.metric], (tuple, list)):
+            rec["weight"] = float(sample[task.metric][1])
         if isinstance(out, str):
             rec["output"] = out[:_KEEP_OUTPUT_CHARS]
         records.append(rec)

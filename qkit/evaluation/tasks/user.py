@@ -17,6 +17,9 @@ from qkit.evaluation.tasks import USER_TASKS, Task, register
 
 # lm-eval metrics that are 1 or 0 per item.
 BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "pass@1", "pass_at_1", "em", "f1_binary"})
+# lm-eval's rolling-likelihood metrics and how it aggregates their (log-likelihood, units) pairs.
+ROLLING_AGGREGATION = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+                       "bits_per_byte": "bits_per_byte"}
 # `datasets` builders that read local files named in dataset_kwargs.data_files.
 LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas"})
 _LOCAL_FIX = ("make its data local, e.g. dataset_path: json with dataset_kwargs: {data_files: {test: "
@@ -58,6 +61,14 @@ def _task(name: str, lm_task: Any, root: Path, family: str | None) -> Task:
         raise QkitError(f"the task {name} in {root} has no items in its test (or validation) split",
                         "check its test_split and its data file")
     source = lm_task.config.dataset_path or "custom_dataset"
+    if lm_task.OUTPUT_TYPE == "loglikelihood_rolling":
+        if metric not in ROLLING_AGGREGATION:
+            raise QkitError(f"the task {name} in {root} is scored by {metric}, which qkit cannot split per item",
+                            f"make its first metric one of {', '.join(ROLLING_AGGREGATION)}")
+        # Lower is better, on another scale than accuracies: shown on its own, never pooled in a family.
+        return Task(name, family or name, metric, f"{source} (from {root})", "the user's", lambda **_: docs,
+                    binary=False, higher_is_better=False, in_family_score=False, include_path=root,
+                    aggregation=ROLLING_AGGREGATION[metric])
     return Task(name, family or name, metric, f"{source} (from {root})", "the user's", lambda **_: docs,
                 binary=metric in BINARY_METRICS, higher_is_better=bool(first.get("higher_is_better", True)),
                 include_path=root)
