@@ -46,6 +46,19 @@ def test_task_sensitivity_notebook_reports_families_cis_and_flips(tmp_path):
 
 
 @pytest.mark.slow
+def test_layer_sensitivity_notebook_reports_scan_proxy_mixes_and_pareto(tmp_path):
+    from tests.test_layer_sensitivity import TINY
+
+    records = run_report(["06_layer_sensitivity"], TINY, tmp_path)
+    assert [r["status"] for r in records] == ["ok"], records[0].get("error")
+    html = (tmp_path / "06_layer_sensitivity.html").read_text()
+    assert "spearman_rho" in html and "predicted_kld" in html and "mix 5 bpw (prose)" in html
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64', html)) >= 5
+    assert "Traceback" not in html
+    assert json.loads((tmp_path / "index.json").read_text())["06_layer_sensitivity"]["status"] == "ok"
+
+
+@pytest.mark.slow
 def test_calibration_notebook_reports_matrix_curves_and_cost(tmp_path):
     params = {"model": "tiny", "methods": ["fp8_static"], "sources": ["prose", "chat", "random"],
               "samples": [2, 4], "seq_lens": [32, 64], "seeds": [0, 1], "center": [2, 32], "eval_tokens": 256,

@@ -281,6 +281,31 @@ def weighted_diff_ci(values: Values, paired_with: Values, weights: Values, aggre
     return point, min(float(low), point), max(float(high), point)
 
 
+def spearman_ci(x: Values, y: Values, *, n_boot: int = BOOTSTRAP_RESAMPLES, alpha: float = 0.05, seed: int = 0
+                ) -> tuple[float, float, float]:
+    """Spearman's rank correlation of paired values (ρ, low, high), the CI by resampling the pairs; NaN
+    bounds below 4 pairs, where it means little."""
+    a, b = _as_numpy(x, "ranked values"), _as_numpy(y, "paired ranked values")
+    if a.shape != b.shape:
+        raise QkitError(f"Spearman's ρ needs equal lengths, got {a.size} and {b.size}", "pass one pair per unit")
+
+    from scipy.stats import rankdata
+
+    def rho(i: np.ndarray) -> float:
+        ra, rb = rankdata(a[i]), rankdata(b[i])
+        sa, sb = ra.std(), rb.std()
+        return float(((ra - ra.mean()) * (rb - rb.mean())).mean() / (sa * sb)) if sa > 0 and sb > 0 else math.nan
+
+    point = rho(np.arange(a.size))
+    if a.size < 4:
+        return point, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    boots = np.array([rho(rng.integers(0, a.size, a.size)) for _ in range(n_boot)])
+    boots = boots[~np.isnan(boots)]
+    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return point, min(float(low), point), max(float(high), point)
+
+
 def scaled_ci(value: float, point: float, low: float, high: float,
               transform: Callable[[float], float]) -> tuple[float, float]:
     """Bounds for ``value``, a quantity that ``transform`` maps monotonically from ``point``, whose CI is

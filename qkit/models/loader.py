@@ -121,16 +121,18 @@ def _check_model_dir(path: Path, trust_remote_code: bool) -> None:
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                    trust_remote_code: bool = False) -> Any:
+                    trust_remote_code: bool = False, **from_pretrained: Any) -> Any:
     """Load a causal LM (float or quantized checkpoint) from a local directory of safetensors, never
-    touching the network. from_pretrained returns it in eval mode."""
+    touching the network. from_pretrained returns it in eval mode; `from_pretrained` reaches it as they
+    are (e.g. a quantization_config that dequantizes)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
     _check_model_dir(path, trust_remote_code)
     with quiet():
         return AutoModelForCausalLM.from_pretrained(path, dtype=as_dtype(dtype), use_safetensors=True,
-                                                    trust_remote_code=trust_remote_code, local_files_only=True)
+                                                    trust_remote_code=trust_remote_code, local_files_only=True,
+                                                    **from_pretrained)
 
 
 def _hub_snapshot(spec: str) -> Path | None:

@@ -7,4 +7,5 @@ STUDIES = {
     "03_kv_cache": "qkit.studies.kv_cache",
     "04_task_sensitivity": "qkit.studies.task_sensitivity",
     "05_drift_monitoring": "qkit.studies.drift_monitoring",
+    "06_layer_sensitivity": "qkit.studies.layer_sensitivity",
 }

@@ -393,3 +393,4 @@ def memory_plan(table: pd.DataFrame, device_gb: float | None = None, title: str 
     return fig
 
 
+

@@ -49,14 +49,21 @@ def evaluation_spec(checkpoint_key: str, eval_spec: EvalSpec) -> dict:
     return {"checkpoint": checkpoint_key, "eval": eval_spec.key()}
 
 
+def evaluation(loaded: models.LoadedModel, variant: variants.Variant, eval_spec: EvalSpec = EvalSpec(), *,
+               store: Store | None = None) -> dict:
+    """A variant against the baseline on one held-out text, as :func:`qkit.evaluation.compare` gives it
+    (per-chunk values included), cached. The variant's model loads only if it is not in the store."""
+    store = store or Store()
+    return store.get_json(EVALUATION, evaluation_spec(variant.identity, eval_spec),
+                          lambda: compare(variant.model, loaded, eval_spec, store, label=variant.label))
+
+
 def evaluate(loaded: models.LoadedModel, variant: variants.Variant, eval_spec: EvalSpec = EvalSpec(), *,
              store: Store | None = None, seed: int = 0) -> dict:
     """A variant against the baseline on one held-out text (cached), with what it is and what it costs:
-    one row of the methods study. The variant's model loads only if the evaluation is not in the store."""
-    store = store or Store()
-    result = store.get_json(EVALUATION, evaluation_spec(variant.identity, eval_spec),
-                            lambda: compare(variant.model, loaded, eval_spec, store, label=variant.label))
-    return {**describe(loaded, variant), **result_row(result, seed), "error": None}
+    one row of the methods study."""
+    return {**describe(loaded, variant), **result_row(evaluation(loaded, variant, eval_spec, store=store), seed),
+            "error": None}
 
 
 def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:

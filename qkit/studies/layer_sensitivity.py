@@ -1,0 +1,431 @@
+"""Layer sensitivity and mixed precision, the study: which units of the model hurt when quantized, on each
+evaluation text or task's prompts, and the mix of formats that loses least under a size budget, verified.
+
+**Scan.** For a target format (default ``w4a16_rtn``), each unit (a decoder layer, a module type across
+layers, or in the full profile every Linear) is put in that format alone, the rest left in float, and its
+exact KLD to the baseline measured with a bootstrap CI over chunks. The reverse view keeps one unit in
+float and the rest in the format: the KLD that keeping it saves. The unit's weights are the whole-model
+checkpoint's, dequantized by compressed-tensors (:mod:`qkit.quant.mixed` says why that equals quantizing
+the unit alone for round-to-nearest formats), so a unit costs one forward pass, not a quantization run.
+
+**Proxy.** Each module's output error on calibration activations, ``tr(ΔW H ΔWᵀ)`` with ``H = XᵀX`` of its
+inputs, summed over a unit's modules: one forward pass for the whole model. Its Spearman ρ against the
+measured KLD (CI by resampling units) says whether it could prune a larger scan.
+
+**Search.** Candidate formats per unit (the target format, a wider one, float); a unit's cost in a format
+is its measured KLD (0 in float), its size is read from that format's checkpoint. The assignment that
+minimizes the summed KLD under a budget in bits per weight (of the decoder's Linear weights) is a
+multiple-choice knapsack, solved by dynamic programming over sizes (exact when sizes are whole grid
+steps). The mix is written as an llm-compressor recipe (one config group per format, modules by name,
+float modules ignored), run through the same path as a user's recipe, and measured: predicted against
+measured KLD says whether unit KLDs add up.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qkit import data, models
+from qkit.core import provenance
+from qkit.core.errors import QkitError
+from qkit.core.store import Kind, Store, canonical, write_text_atomic
+from qkit.data import CalibSpec
+from qkit.evaluation import TASK_PREFIX, EvalSpec, compare, metrics
+from qkit.quant import methods, mixed, registry, variants
+from qkit.studies import contract, layer_figures, plots, quantization_methods
+from qkit.studies.contract import Summary
+
+# One unit's comparison against the baseline (unit alone in a format, or all but the unit), the proxy's
+# per-module output errors, and the recipe file of a searched mix.
+LAYER_UNIT = Kind("layer_unit", 1)
+LAYER_PROXY = Kind("layer_proxy", 1)
+LAYER_MIX = Kind("layer_mix", 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the layer study runs. ``texts`` are eval texts (prose, chat, code, a data file) or a task's
+    prompts (``task:NAME``); ``budgets`` are bits per weight of the decoder's Linear weights; the search
+    minimizes the KLD on each of ``targets`` (a subset of ``texts``) and measures each mix on every text."""
+
+    model: str = models.DEFAULT_MODEL
+    format: str = "w4a16_rtn"
+    units: tuple[str, ...] = ("layers", "types")
+    reverse: tuple[str, ...] = ("types",)  # unit kinds also measured kept-in-float among the rest quantized
+    texts: tuple[str, ...] = ("prose", "code")
+    eval_tokens: int = 2048
+    ctx: int = 256
+    formats: tuple[str, ...] = ("w4a16_rtn", "w8a16_rtn")  # the search's candidates besides float
+    search_units: str = "types"
+    budgets: tuple[float, ...] = (4.5, 5.0, 6.0)
+    targets: tuple[str, ...] = ("prose", "code")
+    anchors: tuple[str, ...] = ("w4a16_rtn", "w4a16_gptq", "w8a16_rtn", "gguf_q4_k_m")
+    calib: str = "prose"  # activations of the proxy
+    samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+    def eval_spec(self, text: str) -> EvalSpec:
+        return EvalSpec(domain=text, n_tokens=self.eval_tokens, ctx=self.ctx)
+
+
+PROFILES = {
+    "quick": Config(),
+    # Every Linear measured, on 4x the text: ~200 units x 2 texts for SmolLM2, a night on a CPU.
+    "full": Config(units=("layers", "types", "modules"), reverse=("types", "layers"), eval_tokens=8192, ctx=512,
+                   search_units="layers", budgets=(4.5, 5.0, 6.0, 8.0), samples=64, seq_len=512),
+}
+
+
+def config(profile: str | Config = "quick", **overrides: Any) -> Config:
+    """A profile with overrides; see :func:`qkit.studies.contract.config`."""
+    return contract.config(PROFILES, profile, **overrides)
+
+
+# ---------------------------------------------------------------- run
+
+
+def _check(config: Config) -> None:
+    for name in (config.format, *config.formats):
+        mixed.weight_group(registry.get_method(name))
+    for anchor in config.anchors:
+        variants.check(anchor)
+    for text in config.texts:
+        config.eval_spec(text)  # an unknown text or task fails here
+    missing = sorted(set(config.targets) - set(config.texts))
+    if missing:
+        raise QkitError(f"search target {', '.join(missing)} is not among the texts {', '.join(config.texts)}",
+                        "add it to texts, or target one of them")
+    if config.search_units not in mixed.UNIT_KINDS:
+        raise QkitError(f"unknown search unit kind {config.search_units!r}", f"use {', '.join(mixed.UNIT_KINDS)}")
+    formats_bits = [registry.get_method(f).weight_bits or 16 for f in config.formats]
+    for b in config.budgets:
+        if not min(formats_bits) <= b <= 16:
+            raise QkitError(f"budget {b:g} bits per weight is outside what the formats allow "
+                            f"({min(formats_bits)} to 16, float)", f"pass budgets between {min(formats_bits)} and 16")
+    for text in config.texts:
+        if not text.startswith(TASK_PREFIX):
+            data.check_disjoint(config.calib, text)
+
+
+def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Result:
+    """Scan, proxy, search and verify, every step cached in the store."""
+    _check(config)
+    store = store or Store()
+    loaded = models.resolve_model(config.model, store=store)
+    return Study(config, loaded, store).run()
+
+
+class Study:
+    """One run's state: the baseline, each format's checkpoint and dequantized weights, and a float copy of
+    the model that units' weights are swapped into."""
+
+    def __init__(self, config: Config, loaded: models.LoadedModel, store: Store) -> None:
+        self.config, self.loaded, self.store = config, loaded, store
+        names = dict.fromkeys((config.format, *config.formats))
+        self.checkpoints = {f: methods.quantize(loaded, f, store=store) for f in names}
+        self._weights: dict[str, dict[str, torch.Tensor]] = {}
+        self._copy: torch.nn.Module | None = None
+
+    def weights(self, fmt: str) -> dict[str, torch.Tensor]:
+        if fmt not in self._weights:
+            self._weights[fmt] = mixed.dequantized_weights(self.checkpoints[fmt])
+        return self._weights[fmt]
+
+    def model_copy(self) -> torch.nn.Module:
+        if self._copy is None:
+            self._copy = mixed.float_copy(self.loaded.model)
+        return self._copy
+
+    def measure(self, fmt: str, modules: Sequence[str], text: str, *, keep_float: bool = False) -> dict:
+        """The comparison of the model with `modules` in `fmt` (or, with ``keep_float``, every other module
+        in `fmt` and these in float), cached."""
+        spec = self.config.eval_spec(text)
+        key = {"model": self.loaded.info["fingerprint"], "dtype": self.loaded.info["dtype"],
+               "format": self.checkpoints[fmt].path.name, "modules": sorted(modules), "keep_float": keep_float,
+               "eval": spec.key()}
+
+        def run_it() -> dict:
+            every = self.weights(fmt)
+            chosen = ({m: w for m, w in every.items() if m not in set(modules)} if keep_float
+                      else {m: every[m] for m in modules})
+            with mixed.swapped(self.model_copy(), chosen) as model:
+                return compare(model, self.loaded, spec, self.store, label=f"{fmt} {len(modules)} modules")
+
+        return self.store.get_json(LAYER_UNIT, key, run_it)
+
+    def run(self) -> Result:
+        c, model = self.config, self.loaded.model
+        scan_units = mixed.units(model, c.units)
+        search_units = mixed.units(model, (c.search_units,))
+        rows, reverse_rows, cost_rows = [], [], []
+        jobs = [(text, u) for text in c.texts for u in scan_units]
+        for text, unit in tqdm(jobs, desc=f"scan ({c.format})", unit="unit"):
+            rows.append({"text": text, "unit": unit, "kind": _kind(unit), "modules": len(scan_units[unit]),
+                         **_row(self.measure(c.format, scan_units[unit], text), c.seed)})
+        for kind in c.reverse:
+            rev = mixed.units(model, (kind,))
+            for text in c.texts:
+                whole = self.measure(c.format, (), text, keep_float=True)
+                for unit in tqdm(rev, desc=f"reverse {kind} ({text})", unit="unit", leave=False):
+                    kept = self.measure(c.format, rev[unit], text, keep_float=True)
+                    saved, lo, hi = metrics.mean_ci(whole["chunk_kld"], paired_with=kept["chunk_kld"], seed=c.seed)
+                    reverse_rows.append({"text": text, "unit": unit, "kind": kind, "kld_all": whole["kld_mean"],
+                                         "kld_kept_float": kept["kld_mean"], "kld_saved": saved,
+                                         "kld_saved_low": lo, "kld_saved_high": hi})
+        for fmt in c.formats:
+            for text in c.targets:
+                for unit in tqdm(search_units, desc=f"search costs {fmt} ({text})", unit="unit", leave=False):
+                    cost_rows.append({"format": fmt, "text": text, "unit": unit,
+                                      **_row(self.measure(fmt, search_units[unit], text), c.seed)})
+        scan, costs = pd.DataFrame(rows), pd.DataFrame(cost_rows)
+        proxy = self.proxy(scan_units)
+        sizes = self.sizes(search_units)
+        mixes, mix_rows = self.search(costs, sizes, search_units)
+        anchors = self.anchors()
+        meta = {"model": self.loaded.info, "config": asdict(c), "provenance": provenance.collect(),
+                "checkpoints": {f: str(ck.path) for f, ck in self.checkpoints.items()},
+                "calibration": data.describe(c.calib)}
+        return Result(c, scan, pd.DataFrame(reverse_rows), costs, proxy, sizes, mixes, pd.DataFrame(mix_rows),
+                      anchors, meta)
+
+    def proxy(self, scan_units: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
+        """Per module: ``tr(ΔW H ΔWᵀ)`` for the target format, H the Gram matrix of its calibration inputs."""
+        c = self.config
+        calib = CalibSpec(c.calib, c.samples, c.seq_len, c.seed)
+        key = {"model": self.loaded.info["fingerprint"], "format": self.checkpoints[c.format].path.name,
+               "calibration": calib.key()}
+
+        def compute() -> dict[str, float]:
+            samples = data.calibration_set(calib.name, calib.n_samples, calib.seq_len, calib.seed,
+                                           tokenizer=self.loaded.tokenizer)
+            grams = mixed.input_grams(self.loaded.model, [torch.tensor([x["input_ids"]]) for x in samples])
+            weights, linears = self.weights(c.format), mixed.linear_modules(self.loaded.model)
+            out = {}
+            for name, w_q in weights.items():
+                dw = (w_q - linears[name].weight.detach().float()).double()
+                out[name] = float(((dw @ grams[name]) * dw).sum())
+            return out
+
+        per_module = self.store.get_json(LAYER_PROXY, key, compute)
+        rows = [{"unit": u, "proxy": sum(per_module[m] for m in mods)} for u, mods in scan_units.items()]
+        modules = [{"unit": m, "proxy": v} for m, v in per_module.items()]
+        return pd.DataFrame(rows + [r for r in modules if r["unit"] not in scan_units])
+
+    def sizes(self, search_units: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
+        """Bytes of each search unit in each candidate format (from its checkpoint) and in float (BF16)."""
+        linears = mixed.linear_modules(self.loaded.model)
+        rows = []
+        for unit, mods in search_units.items():
+            params = sum(linears[m].weight.numel() for m in mods)
+            row = {"unit": unit, "params": params, mixed.FLOAT: mixed.unit_bytes(None, mods, self.loaded.model)}
+            row.update({f: mixed.unit_bytes(self.checkpoints[f], mods, self.loaded.model) for f in self.config.formats})
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("unit")
+
+    def search(self, costs: pd.DataFrame, sizes: pd.DataFrame, search_units: Mapping[str, tuple[str, ...]]
+               ) -> tuple[pd.DataFrame, list[dict]]:
+        c = self.config
+        options = [*c.formats, mixed.FLOAT]
+        params = int(sizes["params"].sum())
+        mixes, rows = [], []
+        for target in c.targets:
+            kld = costs[costs["text"] == target].pivot(index="unit", columns="format", values="kld_mean")
+            kld = kld.reindex(index=sizes.index)
+            kld[mixed.FLOAT] = 0.0
+            for budget in c.budgets:
+                picks = mixed.solve(sizes[options].to_numpy(float), kld[options].to_numpy(float), budget * params / 8)
+                chosen = {u: options[j] for u, j in zip(sizes.index, picks)}
+                assignment = {m: f for u, f in chosen.items() for m in search_units[u]}
+                bits = 8 * sum(sizes.loc[u, f] for u, f in chosen.items()) / params
+                label = f"mix {budget:g} bpw ({target})"
+                variant = self.variant(label, assignment)
+                predicted = float(sum(kld.loc[u, f] for u, f in chosen.items()))
+                mixes.append({"mix": label, "target": target, "budget": budget, "bits": bits, "predicted_kld": predicted,
+                              **{f"{f} units": sum(v == f for v in chosen.values()) for f in options},
+                              "assignment": chosen, "recipe": variant.checkpoint.method.source})
+                for text in c.texts:
+                    rows.append({**self.evaluate(variant, text), "mix": label, "target": target, "budget": budget,
+                                 "predicted_kld": predicted if text == target else np.nan})
+        return pd.DataFrame(mixes), rows
+
+    def variant(self, label: str, assignment: Mapping[str, str]) -> variants.Variant:
+        """The mix as a recipe file in the store, quantized through the path a user's recipe takes."""
+        formats = {f: registry.get_method(f) for f in self.config.formats}
+        text = mixed.recipe(assignment, formats, label)
+        name = "_".join("".join(ch if ch.isalnum() or ch == "." else " " for ch in label).split()) + ".yaml"
+        path = self.store.get_dir(LAYER_MIX, {"recipe": text, "file": name}, lambda tmp: write_text_atomic(tmp / name, text))
+        return variants.from_method(self.loaded, registry.load_recipe(path / name, name=label), store=self.store)
+
+    def anchors(self) -> pd.DataFrame:
+        """The uniform methods on the same texts: what a mix must beat at its size."""
+        every = [variants.parse(self.loaded, name, store=self.store) for name in self.config.anchors]
+        return pd.DataFrame([self.evaluate(v, text) for v in every for text in self.config.texts])
+
+    def evaluate(self, variant: variants.Variant, text: str) -> dict:
+        """A methods-study row of `variant` on `text`, with its per-chunk KLDs for paired comparisons."""
+        spec = self.config.eval_spec(text)
+        raw = quantization_methods.evaluation(self.loaded, variant, spec, store=self.store)
+        return {**quantization_methods.evaluate(self.loaded, variant, spec, store=self.store, seed=self.config.seed),
+                "text": text, "chunk_kld": raw["chunk_kld"]}
+
+
+def _kind(unit: str) -> str:
+    return "layer" if unit.startswith("layer ") else "type" if unit.startswith("type ") else "module"
+
+
+def _row(result: dict, seed: int) -> dict:
+    """A unit's KLD and top-1 agreement with 95% CIs over chunks (the chunks are equal, so the mean of
+    chunk means is the mean over tokens)."""
+    kld, lo, hi = metrics.mean_ci(result["chunk_kld"], seed=seed)
+    top1, t_lo, t_hi = metrics.mean_ci(result["chunk_top1"], seed=seed)
+    return {"kld_mean": kld, "kld_low": lo, "kld_high": hi, "top1_pct": 100 * top1, "top1_low": 100 * t_lo,
+            "top1_high": 100 * t_hi, "chunk_kld": result["chunk_kld"]}
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class Result:
+    config: Config
+    scan: pd.DataFrame  # one row per (text, unit): the unit alone in the format
+    reverse: pd.DataFrame  # one row per (text, unit): the KLD that keeping the unit in float saves
+    costs: pd.DataFrame  # one row per (format, target, search unit): the search's measured costs
+    proxy: pd.DataFrame  # one row per scan unit (and per module): the proxy's output error
+    sizes: pd.DataFrame  # bytes per search unit and format
+    mixes: pd.DataFrame  # one row per (target, budget): the chosen mix and its prediction
+    mix_rows: pd.DataFrame  # the mixes measured on every text, as methods-study rows
+    anchor_rows: pd.DataFrame  # the uniform methods on every text
+    meta: dict
+
+    def proxy_check(self) -> pd.DataFrame:
+        """Spearman's ρ of the proxy against the measured KLD over the scan's units, per text, with a
+        bootstrap CI over units."""
+        rows = []
+        for text, g in self.scan.groupby("text", sort=False):
+            merged = g.merge(self.proxy, on="unit")
+            rho, lo, hi = metrics.spearman_ci(merged["proxy"], merged["kld_mean"], seed=self.config.seed)
+            rows.append({"text": text, "units": len(merged), "spearman_rho": rho, "rho_low": lo, "rho_high": hi})
+        return pd.DataFrame(rows)
+
+    def additivity(self) -> pd.DataFrame:
+        """Each mix's predicted KLD (the sum of its units') against its measured KLD on its target text."""
+        if self.mix_rows.empty:
+            return pd.DataFrame()
+        r = self.mix_rows[self.mix_rows["text"] == self.mix_rows["target"]]
+        r = r.merge(self.mixes[["mix", "bits"]], on="mix")
+        out = r[["mix", "target", "budget", "bits", "predicted_kld", "kld_mean", "kld_mean_low",
+                 "kld_mean_high"]].copy()
+        out["error_pct"] = 100 * (out["predicted_kld"] - out["kld_mean"]) / out["kld_mean"]
+        out["within_ci"] = (out["predicted_kld"] >= out["kld_mean_low"]) & (out["predicted_kld"] <= out["kld_mean_high"])
+        return out.reset_index(drop=True)
+
+    def cross(self) -> pd.DataFrame:
+        """KLD of each mix on each text: a mix chosen on code, scored on prose, and the reverse."""
+        if self.mix_rows.empty:
+            return pd.DataFrame()
+        return self.mix_rows.pivot_table(index="mix", columns="text", values="kld_mean").round(4)
+
+    def pareto(self) -> pd.DataFrame:
+        """Size against KLD, per text: the uniform methods and the mixes."""
+        cols = ["method", "text", "bf16_run_mb", "kld_mean", "kld_mean_low", "kld_mean_high", "top1_pct"]
+        both = pd.concat([self.anchor_rows.assign(kind="uniform"), self.mix_rows.assign(kind="mix")])
+        return both.reindex(columns=["kind", *cols]).reset_index(drop=True)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        scan = self.scan.drop(columns=["chunk_kld"]).round(5)
+        return {"scan": scan, "reverse": self.reverse.round(5), "proxy check": self.proxy_check().round(3),
+                "search costs": self.costs.drop(columns=["chunk_kld"], errors="ignore").round(5), "unit sizes": self.sizes,
+                "mixes": self.mixes.drop(columns=["assignment"], errors="ignore").round(4), "additivity": self.additivity().round(4),
+                "cross evaluation": self.cross(), "size against KLD": self.pareto().round(4)}
+
+    def findings(self) -> list[str]:
+        c, out = self.config, []
+        for text, g in self.scan.groupby("text", sort=False):
+            g = g.sort_values("kld_mean", ascending=False)
+            top = g.iloc[0]
+            rest = g.iloc[1:]
+            apart = rest[rest["kld_high"] < top["kld_low"]]
+            out.append(f"**{text}**: the most sensitive unit in {c.format} is {top['unit']} (KLD {top['kld_mean']:.3g} "
+                       f"[{top['kld_low']:.3g}, {top['kld_high']:.3g}]); its CI lies above {len(apart)} of the other "
+                       f"{len(rest)} units' CIs. The least sensitive: {g.iloc[-1]['unit']} ({g.iloc[-1]['kld_mean']:.3g}).")
+        for _, r in self.proxy_check().iterrows():
+            verdict = ("ranks the units well enough to prune a larger scan" if r["rho_low"] > 0.7 else
+                       "ranks them better than chance, not well enough to replace the measurement" if r["rho_low"] > 0
+                       else "does not rank them reliably")
+            out.append(f"The proxy (output error on calibration activations) against the measured KLD on {r['text']}: "
+                       f"Spearman ρ {r['spearman_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}] over "
+                       f"{r['units']} units: it {verdict}.")
+        add = self.additivity()
+        if len(add):
+            inside = int(add["within_ci"].sum())
+            out.append(f"Additivity: the summed unit KLDs predicted the mixes' measured KLD within "
+                       f"{add['error_pct'].abs().max():.0f}% (worst case); {inside} of {len(add)} predictions lie "
+                       "inside the measured 95% CI.")
+        out += self._against_uniform()
+        return out
+
+    def _against_uniform(self) -> list[str]:
+        """Each mix against the uniform methods of about its size or larger, from paired CIs over chunks."""
+        out = []
+        if self.mix_rows.empty or self.anchor_rows.empty:
+            return out
+        for _, m in self.mix_rows[self.mix_rows["text"] == self.mix_rows["target"]].iterrows():
+            same = self.anchor_rows[(self.anchor_rows["text"] == m["text"])
+                                    & (self.anchor_rows["bf16_run_mb"] >= 0.97 * m["bf16_run_mb"])]
+            for _, a in same.iterrows():
+                diff, lo, hi = metrics.mean_ci(m["chunk_kld"], paired_with=a["chunk_kld"], seed=self.config.seed)
+                word = ("lower KLD than" if hi < 0 else "higher KLD than" if lo > 0 else "no resolved difference from")
+                out.append(f"{m['mix']} ({m['bf16_run_mb']:.3g} MB) on {m['text']}: {word} {a['method']} "
+                           f"({a['bf16_run_mb']:.3g} MB, no smaller): KLD difference {diff:+.3g} [{lo:+.3g}, {hi:+.3g}].")
+        return out
+
+    def figures(self) -> plots.Figures:
+        texts = list(dict.fromkeys(self.scan["text"]))
+        return plots.Figures({
+            "layer x module type": lambda: layer_figures.layer_heatmaps(self._module_grid(), self.config.format),
+            "sensitivity by layer": lambda: layer_figures.unit_curves(self.scan[self.scan["kind"] == "layer"], texts),
+            "sensitivity by module type": lambda: layer_figures.unit_bars(self.scan[self.scan["kind"] == "type"], texts),
+            "proxy against measured": lambda: layer_figures.proxy_scatter(self.scan.merge(self.proxy, on="unit")),
+            "size against KLD": lambda: layer_figures.pareto(self.pareto()),
+        })
+
+    def _module_grid(self) -> dict[str, pd.DataFrame]:
+        """Layer x module type grids: measured per module where the scan has modules, else the proxy."""
+        modules = self.scan[self.scan["kind"] == "module"]
+        grids = {}
+        source = ({t: g.set_index("unit")["kld_mean"] for t, g in modules.groupby("text", sort=False)} if len(modules)
+                  else {"proxy (output error)": self.proxy.set_index("unit")["proxy"]})
+        for label, values in source.items():
+            rows = [{"layer": mixed.layer_of(u), "type": mixed.module_type(u), "value": v}
+                    for u, v in values.items() if _kind(u) == "module"]
+            grids[label] = pd.DataFrame(rows).pivot(index="layer", columns="type", values="value")
+        return grids
+
+    def provenance(self) -> pd.DataFrame:
+        p = self.meta["provenance"]
+        return pd.DataFrame([{"model": self.meta["model"]["spec"], "fingerprint": self.meta["model"]["fingerprint"],
+                              "format": self.config.format, "formats": ", ".join(self.config.formats),
+                              "texts": ", ".join(self.config.texts), "eval tokens": self.config.eval_tokens,
+                              "calibration (proxy)": f"{self.config.calib} {self.config.samples}x{self.config.seq_len}",
+                              "calibration sha256": (self.meta["calibration"] or {}).get("sha256", "-"),
+                              "seed": self.config.seed, "git": p.get("git_commit"),
+                              "hardware": canonical(p.get("hardware", {})),
+                              "libraries": canonical(p.get("libraries", {}))}])
+
+    def summary(self) -> Summary:
+        prose = self.scan[self.scan["text"] == self.scan["text"].iloc[0]].sort_values("kld_mean", ascending=False)
+        add = self.additivity()
+        best = add.sort_values("kld_mean").iloc[0] if len(add) else None
+        headline = (f"most sensitive in {self.config.format}: {prose.iloc[0]['unit']} on {prose.iloc[0]['text']}"
+                    + (f"; best mix {best['mix']} KLD {best['kld_mean']:.3g} (predicted {best['predicted_kld']:.3g})"
+                       if best is not None else ""))
+        return Summary("layer sensitivity", headline, best["mix"] if best is not None else None, "ok",
+                       "size against KLD")

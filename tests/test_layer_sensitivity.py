@@ -1,0 +1,160 @@
+"""Layer sensitivity: the knapsack against brute force, units and swaps against real checkpoints, the exported
+recipe through llm-compressor, additivity on `tiny`, and the one-line errors."""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qkit.core.errors import QkitError
+from qkit.core.store import Store
+from qkit.quant import methods, mixed, registry
+from qkit.studies import layer_sensitivity as L
+from qkit.studies import quantization_methods
+
+
+def brute_force(sizes: np.ndarray, costs: np.ndarray, budget: float) -> float:
+    best = np.inf
+    for picks in itertools.product(range(sizes.shape[1]), repeat=len(sizes)):
+        idx = np.arange(len(sizes)), np.array(picks)
+        if sizes[idx].sum() <= budget:
+            best = min(best, costs[idx].sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_knapsack_finds_the_brute_force_optimum(seed) -> None:
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 20, size=(6, 3)).astype(float)
+    costs = rng.gamma(1.0, 1.0, size=(6, 3))
+    budget = float(rng.integers(int(sizes.min(1).sum()), int(sizes.max(1).sum()) + 1))
+    picks = mixed.solve(sizes, costs, budget)
+    idx = np.arange(6), np.array(picks)
+    assert sizes[idx].sum() <= budget
+    assert costs[idx].sum() == pytest.approx(brute_force(sizes, costs, budget))
+
+
+def test_the_knapsack_on_a_known_case_and_its_errors() -> None:
+    # Three units, formats (small lossy, large lossless): the budget affords one large unit, and the unit
+    # whose small format costs most should get it.
+    sizes = np.array([[1, 3], [1, 3], [1, 3]], float)
+    costs = np.array([[0.1, 0], [0.5, 0], [0.2, 0]])
+    assert mixed.solve(sizes, costs, 5) == [0, 1, 0]
+    assert mixed.solve(sizes, costs, 9) == [1, 1, 1]
+    with pytest.raises(QkitError, match="below the smallest mix"):
+        mixed.solve(sizes, costs, 2)
+    # Large sizes take steps of budget/grid, rounded up: the answer still fits.
+    big = sizes * 1e6 + np.array([[7, 11]])
+    picks = mixed.solve(big, costs, 5.1e6, grid=64)
+    assert big[np.arange(3), picks].sum() <= 5.1e6
+
+
+def test_units_and_unit_errors(tiny) -> None:
+    every = mixed.units(tiny.model, ("layers", "types", "modules"))
+    layers = [u for u in every if u.startswith("layer ")]
+    types = [u for u in every if u.startswith("type ")]
+    modules = [u for u in every if "." in u]
+    assert len(layers) * 7 == len(types) * len(layers) == len(modules)
+    assert sorted(every["type v_proj"]) == sorted(m for m in modules if m.endswith("v_proj"))
+    assert not any("lm_head" in m for m in modules)
+    with pytest.raises(QkitError, match=r"no unit 'type w_proj'.*Fix: name 'layer N'.*down_proj"):
+        mixed.select(tiny.model, ["type w_proj"])
+
+
+def test_formats_that_cannot_be_applied_per_module_are_refused() -> None:
+    assert mixed.weight_group(registry.get_method("w4a16_rtn"))["num_bits"] == 4
+    for name, why in (("w4a16_gptq", "calibrated across layers"), ("fp8_dynamic", "quantizes activations"),
+                      ("gguf_q4_k_m", "not one llm-compressor modifier group")):
+        with pytest.raises(QkitError, match=f"{name} cannot be applied per module: .*{why}.*w4a16_rtn"):
+            mixed.weight_group(registry.get_method(name))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"format": "w4a16_gptq"}, "cannot be applied per module"),
+    ({"budgets": (3.0,)}, "budget 3 bits per weight is outside"),
+    ({"budgets": (17.0,)}, "budget 17 bits per weight is outside"),
+    ({"targets": ("chat",)}, "search target chat is not among the texts"),
+    ({"texts": ("novel",), "targets": ()}, "novel"),
+])
+def test_bad_configs_fail_before_any_work(overrides, match) -> None:
+    with pytest.raises(QkitError, match=match):
+        L.run(L.config(model="tiny", **overrides))
+
+
+def test_dequantized_weights_swapped_in_give_the_checkpoints_logits(tiny, tmp_path) -> None:
+    """The scan's premise: the float model with a checkpoint's dequantized weights is that checkpoint."""
+    ckpt = methods.quantize(tiny, "w4a16_rtn", store=Store(tmp_path))
+    weights = mixed.dequantized_weights(ckpt)
+    assert set(weights) == set(mixed.linear_modules(tiny.model))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    copy = mixed.float_copy(tiny.model)
+    before = copy.model.layers[0].self_attn.q_proj.weight.clone()
+    with torch.inference_mode():
+        with mixed.swapped(copy, weights) as swapped:
+            ours = swapped(ids).logits
+        theirs = methods.load_quantized(ckpt)(ids).logits
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5)
+    assert torch.equal(copy.model.layers[0].self_attn.q_proj.weight, before)  # restored
+
+
+# The notebook test runs the same config, and finds it in the shared test cache.
+TINY = {"model": "tiny", "units": ["types"], "reverse": [], "texts": ["prose"], "eval_tokens": 512, "ctx": 128,
+        "budgets": [5.0], "anchors": ["w4a16_rtn", "w8a16_rtn"], "samples": 4, "seq_len": 64}
+
+
+@pytest.mark.slow
+def test_the_study_on_tiny_its_recipe_round_trips_and_unit_klds_add_up(tiny, monkeypatch) -> None:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    store = Store()
+    cfg = L.config(**TINY, targets=TINY["texts"])
+    res = L.run(cfg, store=store)
+    assert len(res.scan) == 7 and (res.scan["kld_low"] <= res.scan["kld_mean"]).all()
+    (mix,) = res.mixes.to_dict("records")
+    assert mix["bits"] <= 5.0 and mix["w4a16_rtn units"] + mix["w8a16_rtn units"] + mix["float units"] == 7
+    # The exported recipe went through llm-compressor; its checkpoint reloads and its config validates.
+    (checkpoint,) = res.mix_rows["checkpoint"]
+    mixed_cfg = json.loads((Path(checkpoint) / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(mixed_cfg)
+    assert methods.load_quantized(checkpoint) is not None
+    bits = {g["weights"]["num_bits"] for g in mixed_cfg["config_groups"].values()}
+    assert bits == {4, 8}
+    # Additivity: the sum of the module types' KLDs against the whole model in the format, within 2x.
+    whole = res.anchor_rows.set_index("method").loc["w4a16_rtn", "kld_mean"]
+    assert 0.5 < res.scan["kld_mean"].sum() / whole < 2.0
+    add = res.additivity()
+    assert len(add) == 1 and 0.5 < add["predicted_kld"].iloc[0] / add["kld_mean"].iloc[0] < 2.0
+    # The mix sits between the uniform formats in size and in KLD.
+    pareto = res.pareto().set_index("method")
+    assert pareto.loc["w4a16_rtn", "bf16_run_mb"] < pareto.loc[mix["mix"], "bf16_run_mb"] < pareto.loc[
+        "w8a16_rtn", "bf16_run_mb"]
+    assert pareto.loc["w8a16_rtn", "kld_mean"] < pareto.loc[mix["mix"], "kld_mean"] < pareto.loc["w4a16_rtn", "kld_mean"]
+    assert res.findings() and res.summary().best == mix["mix"]
+    assert set(res.figures()) >= {"layer x module type", "size against KLD"}
+    # A rerun computes nothing: every comparison comes from the store.
+    def never(*args, **kwargs):
+        raise AssertionError("a cached comparison was computed again")
+
+    monkeypatch.setattr(L, "compare", never)
+    monkeypatch.setattr(quantization_methods, "compare", never)
+    again = L.run(cfg, store=store)
+    assert again.scan.drop(columns="chunk_kld").equals(res.scan.drop(columns="chunk_kld"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["layers", "search", "--model", "tiny", "--budget", "3", "--out", "x.yaml"], "budget 3 bits per weight"),
+    (["layers", "search", "--model", "tiny", "--budget", "5", "--formats", "w4a16_awq", "--out", "x.yaml"],
+     "w4a16_awq cannot be applied per module"),
+    (["layers", "scan", "--model", "tiny", "--format", "nvfp4"], "nvfp4 cannot be applied per module"),
+])
+def test_the_cli_says_what_is_wrong_in_one_line(argv, match, capsys) -> None:
+    from qkit.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err) and "Fix:" in err
