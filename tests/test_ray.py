@@ -122,3 +122,23 @@ def test_calibration_sweep_through_ray_gives_the_local_tables(local_ray, tiny, t
     cols = ["method", "source", "seed", "eval_domain", "kld_mean", "ppl_quant", "top1_pct"]
     assert here.rows[cols].equals(there.rows[cols])
     assert [Path(p).name for p in here.rows["checkpoint"]] == [Path(p).name for p in there.rows["checkpoint"]]
+
+
+@pytest.mark.slow
+def test_report_runs_notebooks_as_ray_tasks_whose_studies_use_the_same_cluster(local_ray, tiny, tmp_path,
+                                                                                monkeypatch) -> None:
+    from qkit import report
+
+    store = _store_with_tiny(tiny, tmp_path / "cache")
+    monkeypatch.setenv("QKIT_CACHE", str(store.root))
+    params = {"model": "tiny", "methods": ["fp8_dynamic", "w8a8_int8"], "samples": 4, "seq_len": 64,
+              "eval_tokens": 512, "ctx": 128}
+    [ray_run] = report.run_report(["02"], params, tmp_path / "ray", executor="ray", timeout=600)
+    assert ray_run["status"] == "ok", ray_run["error"]
+    assert ray_run["params"]["executor"] == "ray" and (tmp_path / "ray" / "02_quantization_methods.html").exists()
+    node = ray.get_runtime_context().get_node_id()
+    checkpoints = list(store.root.glob("checkpoint/*/manifest.json"))
+    assert len(checkpoints) == 2 and all(Store.manifest(p.parent)["provenance"]["node"].get("ray_node_id") == node
+                                         for p in checkpoints)  # built in the study's Ray cells
+    [local] = report.run_report(["02"], params, tmp_path / "local", timeout=600)  # reads what Ray built
+    assert local["summary"] == ray_run["summary"]
