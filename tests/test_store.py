@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from qkit.core.store import MANIFEST, Kind, Store, write_json_atomic
+from qkit.core.errors import QkitError
+from qkit.core.store import BUILDING, MANIFEST, Kind, Store, write_json_atomic
 
 CKPT, RES = Kind("ckpt", 1), Kind("res", 1)
 
@@ -105,3 +106,105 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
     write_json_atomic(p, {"b": 2})
     assert json.loads(p.read_text()) == {"b": 2}
     assert os.listdir(tmp_path) == ["x.json"]
+
+
+# ------------------------------------------------------------------ many processes on one store
+
+WORKER = r"""
+import sys, time
+from pathlib import Path
+from qkit.core import provenance, store as S
+provenance.hardware = lambda: {}  # torch's import (4 s) is not what these tests are about
+root, log, mode, spec = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+store = S.Store(root)
+ready = Path(root).parent / f"ready.{spec}.{mode}.{sys.argv[5] if len(sys.argv) > 5 else ''}"
+ready.touch()
+while mode == "race" and len(list(Path(root).parent.glob(f"ready.{spec}.race.*"))) < 2:
+    time.sleep(0.01)  # both start asking at once
+
+def build(tmp):
+    with open(log, "a") as f:
+        f.write(f"{spec}\n")
+    (tmp / "model.bin").write_bytes(b"half")
+    if mode == "hang":
+        Path(root, "..", f"hanging.{spec}").touch()
+        time.sleep(600)
+    time.sleep(1)
+    (tmp / "model.bin").write_bytes(b"weights")
+
+def compute(ids):
+    with open(log, "a") as f:
+        f.writelines(f"{i}\n" for i in ids)
+    time.sleep(0.5)
+    return {i: i.upper() for i in ids}
+
+if mode == "items":
+    print(store.get_items(S.Kind("items", 1), {"s": 1}, sys.argv[5].split(","), compute, batch=1))
+else:
+    print((store.get_dir(S.Kind("ckpt", 1), {"m": spec}, build) / "model.bin").read_text())
+"""
+
+
+def _workers(tmp_path, *argvs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    root = str(tmp_path / "cache")
+    return [subprocess.Popen([sys.executable, "-c", WORKER, root, str(tmp_path / "log"), *a], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
+
+
+def test_two_processes_asking_for_one_entry_build_it_once(store, tmp_path):
+    procs = _workers(tmp_path, ("race", "a", "1"), ("race", "a", "2"))
+    out = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], out
+    assert [o.strip() for o, _ in out] == ["weights", "weights"]
+    assert (tmp_path / "log").read_text() == "a\n"  # built once
+    assert sum("is being built by" in err and "waiting for it" in err for _, err in out) == 1  # the other waited
+
+
+def test_two_writers_of_one_spec_s_items_compute_each_item_once(store, tmp_path):
+    procs = _workers(tmp_path, ("items", "s", "a,b"), ("items", "s", "b,c"))
+    out = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], out
+    assert sorted((tmp_path / "log").read_text().split()) == ["a", "b", "c"]
+    done = json.loads(next(store.root.glob("items/*/items.json")).read_text())["items"]
+    assert done == {"a": "A", "b": "B", "c": "C"}
+
+
+def test_a_killed_builder_s_leftover_is_removed_and_its_lease_taken_over(store, tmp_path, capsys):
+    import signal
+    import time
+
+    from qkit.cli.main import main
+
+    procs = _workers(tmp_path, ("hang", "x"), ("hang", "y"))
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"hanging.{s}").exists() for s in "xy"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    x, y = (store.path(CKPT, {"m": s}) for s in "xy")
+    assert len(store.leftovers(x)) == len(store.leftovers(y)) == 1
+    left_by_y = store.leftovers(y)[0]
+    assert store.clean() == []  # their builders are alive
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+
+    calls = []
+    assert store.get_dir(CKPT, {"m": "x"}, _builder(calls)) == x and len(calls) == 1  # taken over
+    assert store.leftovers(x) == [] and (x / "model.bin").read_bytes() == b"weights"
+
+    assert main(["cache", "clean", "--root", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {left_by_y}" in out
+    assert not any(store.root.rglob(f"*{BUILDING}*"))
+    assert "ckpt" in out and "total" in out
+
+
+def test_a_store_that_cannot_be_written_says_so(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(QkitError, match="cannot write the store at .*Fix: point QKIT_CACHE"):
+        Store(tmp_path / "file" / "cache").get_json(RES, {"a": 1}, lambda: 1)

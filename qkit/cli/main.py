@@ -5,14 +5,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qkit.cli import advise, calib, drift, kv, layers, quant, report, tasks
+from qkit.cli import advise, cache, calib, drift, kv, layers, quant, report, tasks
 from qkit.core.errors import QkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkit", description="Quantize an LLM and measure what it costs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (quant, tasks, calib, kv, layers, drift, advise, report):
+    for group in (quant, tasks, calib, kv, layers, drift, advise, report, cache):
         group.add_commands(sub)
     return parser
 

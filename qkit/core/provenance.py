@@ -1,11 +1,13 @@
-"""What produced a result: library versions, the qkit commit, the hardware."""
+"""What produced a result: library versions, the qkit commit, the hardware and the node it ran on."""
 from __future__ import annotations
 
 import functools
 import importlib.metadata
 import os
 import platform
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,8 +64,17 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def collect() -> dict:
+def node() -> dict:
+    """The machine a result is computed on: its host name and, in a process connected to Ray, the Ray
+    node id (as ``ray list nodes`` shows it)."""
+    out = {"host": socket.gethostname()}
+    ray = sys.modules.get("ray")  # never imported here: a process that does not use Ray has no node id
+    if ray is not None and ray.is_initialized():
+        out["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    return out
 
+
+def collect() -> dict:
     return {"qkit": qkit.__version__, "git_commit": git_commit(), "libraries": library_versions(),
-            "python": platform.python_version(), "hardware": hardware(),
+            "python": platform.python_version(), "hardware": hardware(), "node": node(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -8,26 +8,42 @@ temporary sibling directory and renamed into place only after a manifest with ev
 sha256 has been written, so a crash leaves no entry that looks complete.
 A manifest that disagrees with the files (truncated copy, flipped bit, missing file) makes the entry
 invalid: it is removed and rebuilt, never used.
+
+Many processes, on one machine or on every node of a cluster whose ``QKIT_CACHE`` is a shared path, may
+use one store. Whoever builds an entry holds its lease, an flock on ``<root>/<kind>/.<key>.lock``: a second
+process that needs the entry meanwhile waits on the lease and then reads what the first built, so nothing
+is built twice. The OS releases the lease of a builder that dies (on NFSv4 the server does once the dead
+client stops renewing its lock lease, 90 s by default), and the next builder takes it over and removes the
+dead one's ``.<key>.building.*`` directory; ``qkit cache clean`` removes those of every entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from qkit.core import provenance
+from qkit.core.errors import QkitError
 
 MANIFEST = "manifest.json"
 
 
 CACHE_ENV = "QKIT_CACHE"
+BUILDING = ".building."
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,14 +107,10 @@ class Store:
         return self.root / kind.name / self.key(kind, spec)
 
     def lookup(self, kind: Kind, spec: dict) -> Path | None:
-        """The entry's directory if it is complete and intact; a damaged entry is removed."""
+        """The entry's directory if it is complete and intact. A damaged entry is left to the next builder,
+        which removes it under the entry's lease."""
         path = self.path(kind, spec)
-        if not path.exists():
-            return None
-        if self.verify(path):
-            return path
-        shutil.rmtree(path, ignore_errors=True)
-        return None
+        return path if path.exists() and self.verify(path) else None
 
     # Hashing a 500 MB model costs about a second; an entry checked once in this process is not rehashed.
     _verified: set[tuple[str, int]] = set()
@@ -130,44 +142,100 @@ class Store:
         """Return the entry for `spec`, calling `build(tmpdir)` to create it if it is missing or damaged.
 
         `build` writes its files into the directory it is given and may return extra metadata, which is
-        kept in the manifest beside the spec and the provenance of the run that built it.
+        kept in the manifest beside the spec and the provenance of the run that built it. It runs under
+        the entry's lease: another process asking for the entry meanwhile waits and then reads this one.
         """
         found = self.lookup(kind, spec)
         if found is not None:
             return found
         final = self.path(kind, spec)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.building."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a cache is shared by whoever can read its root
-        try:
-            started = time.time()
-            meta = build(tmp) or {}
-            files = {
-                str(p.relative_to(tmp)): (p.stat().st_size, _sha256(p))
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file() and p.name != MANIFEST
-            }
-            manifest = {
-                "kind": kind.name,
-                "version": kind.version,
-                "key": final.name,
-                "spec": spec,
-                "meta": meta,
-                "build_seconds": round(time.time() - started, 3),
-                "provenance": provenance.collect(),
-                "files": files,
-            }
-            write_json_atomic(tmp / MANIFEST, manifest)
-            if final.exists():  # a damaged entry, or one another process finished meanwhile
-                if self.verify(final):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return final
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with self.lease(final):
+            found = self.lookup(kind, spec)  # built by the holder this process waited for
+            if found is not None:
+                return found
+            # Under the lease, a building directory of this entry is a dead builder's; so is damage.
+            for leftover in self.leftovers(final):
+                shutil.rmtree(leftover, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{BUILDING}"))
+            tmp.chmod(0o755)  # mkdtemp makes it private; a cache is shared by whoever can read its root
+            try:
+                started = time.time()
+                meta = build(tmp) or {}
+                files = {
+                    str(p.relative_to(tmp)): (p.stat().st_size, _sha256(p))
+                    for p in sorted(tmp.rglob("*"))
+                    if p.is_file() and p.name != MANIFEST
+                }
+                manifest = {
+                    "kind": kind.name,
+                    "version": kind.version,
+                    "key": final.name,
+                    "spec": spec,
+                    "meta": meta,
+                    "build_seconds": round(time.time() - started, 3),
+                    "provenance": provenance.collect(),
+                    "files": files,
+                }
+                write_json_atomic(tmp / MANIFEST, manifest)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return final
+
+    @contextmanager
+    def lease(self, entry: Path) -> Iterator[None]:
+        """Hold the lease of the entry at `entry` (``self.path(kind, spec)``), waiting while another process
+        holds it. A store that this process cannot write is a QkitError."""
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            lock = _lock(entry)
+            try:
+                lock.acquire(blocking=False)
+            except Timeout:
+                log.warning("%s is being built by %s; waiting for it", entry, _holder(entry))
+                lock.acquire()
+        except OSError as e:
+            raise QkitError(f"cannot write the store at {self.root} ({e.strerror or e})",
+                            f"point {CACHE_ENV} at a folder that every worker can write (on a cluster, "
+                            "a path all nodes share)") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @staticmethod
+    def leftovers(entry: Path) -> list[Path]:
+        """The building directories of `entry`: its live builder's, or dead builders' ones."""
+        return sorted(entry.parent.glob(f".{entry.name}{BUILDING}*"))
+
+    def clean(self) -> list[Path]:
+        """Remove the building directories whose builder is gone (no process holds their entry's lease);
+        returns what was removed."""
+        removed = []
+        for leftover in sorted(self.root.glob(f"*/.*{BUILDING}*")):
+            entry = leftover.parent / leftover.name[1:].split(BUILDING)[0]
+            lock = _lock(entry)
+            try:
+                lock.acquire(blocking=False)
+            except Timeout:
+                continue  # being built right now
+            try:
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+            finally:
+                lock.release()
+        return removed
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Entries and bytes on disk per kind, building directories included in the bytes."""
+        out = {}
+        for kind in sorted(p for p in self.root.glob("*") if p.is_dir()):
+            entries = sum(1 for p in kind.iterdir() if p.is_dir() and not p.name.startswith("."))
+            size = sum(f.lstat().st_size for f in kind.rglob("*") if f.is_file() and not f.is_symlink())
+            out[kind.name] = (entries, size)
+        return out
 
     def get_json(self, kind: Kind, spec: dict, compute: Callable[[], Any]) -> Any:
         """A JSON-serialisable result, computed once per spec."""
@@ -182,27 +250,47 @@ class Store:
 
         Only ids missing from the file are computed, `batch` at a time, and the file is rewritten
         atomically after each batch: adding items or resuming an interrupted run computes only the rest.
-        An unreadable file is set aside as ``items.json.bad`` and its items recomputed.
+        An unreadable file is set aside as ``items.json.bad`` and its items recomputed. Two processes asking
+        for one spec's items take turns under its lease.
         """
-        path = self.path(kind, spec) / "items.json"
-        done: dict[str, Any] = {}
-        if path.exists():
-            try:
-                done = json.loads(path.read_text())["items"]
-            except (OSError, ValueError, KeyError, TypeError):
-                os.replace(path, path.with_suffix(".json.bad"))
-        missing = [i for i in dict.fromkeys(ids) if i not in done]
-        for start in range(0, len(missing), batch):
-            part = missing[start:start + batch]
-            new = compute(part)
-            absent = [i for i in part if i not in new]
-            if absent:
-                raise RuntimeError(f"{kind.name}: compute() returned no result for {absent[:3]}")
-            done.update({i: new[i] for i in part})
-            write_json_atomic(path, {"kind": kind.name, "version": kind.version, "spec": spec,
-                                     "provenance": provenance.collect(), "items": done})
-        return {i: done[i] for i in ids}
+        entry = self.path(kind, spec)
+        path = entry / "items.json"
+        # The whole call under the lease: a second writer waits, then finds these items done.
+        with self.lease(entry):
+            done: dict[str, Any] = {}
+            if path.exists():
+                try:
+                    done = json.loads(path.read_text())["items"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    os.replace(path, path.with_suffix(".json.bad"))
+            missing = [i for i in dict.fromkeys(ids) if i not in done]
+            for start in range(0, len(missing), batch):
+                part = missing[start:start + batch]
+                new = compute(part)
+                absent = [i for i in part if i not in new]
+                if absent:
+                    raise RuntimeError(f"{kind.name}: compute() returned no result for {absent[:3]}")
+                done.update({i: new[i] for i in part})
+                write_json_atomic(path, {"kind": kind.name, "version": kind.version, "spec": spec,
+                                         "provenance": provenance.collect(), "items": done})
+            return {i: done[i] for i in ids}
 
     @staticmethod
     def manifest(path: Path) -> dict:
         return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def _lock(entry: Path) -> FileLock:
+    # Who holds it, for a waiter's message; the flock, not this text, is the lease.
+    def holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+
+    return FileLock(entry.parent / f".{entry.name}.lock", on_acquired=holder)
+
+
+def _holder(entry: Path) -> str:
+    try:
+        return (entry.parent / f".{entry.name}.lock").read_text() or "another process"
+    except OSError:
+        return "another process"

@@ -23,22 +23,25 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import qkit
 from qkit import REPORT_ENV
 from qkit.core import provenance
-from qkit.core.errors import QkitError
+from qkit.core.errors import QkitError, lookup
 from qkit.core.store import CACHE_ENV, default_root, write_json_atomic
 from qkit.report.notebook import QUIET_ENV, SUMMARY_ENV
+from qkit.studies import cells
 
 REPO = Path(qkit.__file__).resolve().parent.parent
 
 
 def run_report(notebooks: list[str | Path] | None = None, params: dict | None = None,
                out_dir: str | Path = "reports", *, notebooks_dir: str | Path | None = None,
-               kernel_name: str | None = None, timeout: int | None = None) -> list[dict]:
+               kernel_name: str | None = None, timeout: int | None = None, executor: str = "local",
+               ray_address: str | None = None) -> list[dict]:
     """Execute notebooks into `out_dir/<name>.ipynb` and `out_dir/<name>.html`; update the index.
 
     notebooks: paths, file names or bare names (`02_quantization_methods`, or its number `02`) in
@@ -47,6 +50,9 @@ def run_report(notebooks: list[str | Path] | None = None, params: dict | None = 
         a key that no selected notebook declares is an error (a typo must not vanish silently).
     kernel_name: a named Jupyter kernelspec; by default the kernel runs this very Python interpreter.
     timeout: seconds allowed per cell (default: no limit).
+    executor: ``local`` runs the notebooks one after another here; ``ray`` runs them in parallel as Ray
+        tasks (on the cluster at `ray_address`, None: a local instance) and gives every notebook that
+        declares ``executor`` and ``ray_address`` that cluster, so that its study's cells run there too.
 
     Returns one record per notebook: name, status ("ok" or "failed"), error, params, started,
     seconds, html, ipynb, git_commit. A failed notebook does not raise; check the statuses.
@@ -63,6 +69,10 @@ def run_report(notebooks: list[str | Path] | None = None, params: dict | None = 
                         f"use one of: {valid}")
     if kernel_name:
         _check_kernel(kernel_name)
+    lookup(dict.fromkeys(cells.EXECUTORS), executor, "executor")
+    cluster = cells.connect(ray_address) if executor == "ray" else None
+    if cluster is not None:  # the notebooks' kernels join this cluster rather than start their own
+        params = {"executor": "ray", "ray_address": cluster.get_runtime_context().gcs_address, **params}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,11 +81,12 @@ def run_report(notebooks: list[str | Path] | None = None, params: dict | None = 
     papermill_log = logging.getLogger("papermill")
     level = papermill_log.level
     papermill_log.setLevel(logging.ERROR)
+    given = {p: {k: v for k, v in params.items() if k in declared[p]} for p in paths}
+    runs = (_run_on_ray(cluster, paths, given, out, kernel_name, timeout) if cluster is not None
+            else (_run_one(p, given[p], out, kernel_name, timeout) for p in paths))
     try:
         records = []
-        for path in paths:
-            given = {k: v for k, v in params.items() if k in declared[path]}
-            record = _run_one(path, given, out, kernel_name, timeout)
+        for path, record in zip(paths, runs):
             # Only a kernel that never started leaves no executed notebook; the source stands in.
             executed = out / record["ipynb"]
             _write_html(executed if executed.exists() else path, out / record["html"], record,
@@ -91,8 +102,36 @@ def run_report(notebooks: list[str | Path] | None = None, params: dict | None = 
     return records
 
 
-def _run_one(path: Path, params: dict, out: Path, kernel_name: str | None, timeout: int | None) -> dict:
-    """Execute one notebook into out/<name>.ipynb; a failure is returned in the record, not raised."""
+def _run_on_ray(ray, paths: list[Path], given: dict[Path, dict], out: Path, kernel_name: str | None,
+                timeout: int | None) -> Iterator[dict]:
+    """Every notebook as a Ray task, all at once; their records in the order of `paths`. A task carries its
+    notebook and brings back what it wrote, so a node needs no path of this machine but the store's."""
+    # No CPU for the task itself: its kernel waits on the study's cells, which ask for their own; a notebook
+    # holding a CPU could starve its own cells on a small cluster.
+    task = ray.remote(num_cpus=0, max_retries=cells.RAY_RETRIES)(_notebook_task).options(
+        runtime_env={"env_vars": {CACHE_ENV: str(default_root().resolve())}})
+    refs = [task.remote(p.name, p.read_bytes(), given[p], kernel_name, timeout, os.getcwd()) for p in paths]
+    for path, ref in zip(paths, refs):
+        record, files = ray.get(ref)
+        for name, content in files.items():
+            (out / name).write_bytes(content)
+        yield {**record, "notebook": str(path)}
+
+
+def _notebook_task(name: str, source: bytes, params: dict, kernel_name: str | None, timeout: int | None,
+                   cwd: str) -> tuple[dict, dict[str, bytes]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = Path(tmp) / name, Path(tmp) / "out"
+        path.write_bytes(source)
+        out.mkdir()
+        record = _run_one(path, params, out, kernel_name, timeout, cwd if Path(cwd).is_dir() else tmp)
+        return record, {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+
+
+def _run_one(path: Path, params: dict, out: Path, kernel_name: str | None, timeout: int | None,
+             cwd: str | None = None) -> dict:
+    """Execute one notebook into out/<name>.ipynb; a failure is returned in the record, not raised. Relative
+    paths in its parameters mean what they mean in `cwd` (default: this process's directory)."""
     import papermill
 
     executed = out / f"{path.stem}.ipynb"
@@ -107,7 +146,7 @@ def _run_one(path: Path, params: dict, out: Path, kernel_name: str | None, timeo
         papermill.execute_notebook(
             # The caller's directory, so that a relative path in a parameter (your data, checkpoint or
             # recipe) means what it means on the command line; the notebooks read no files of their own.
-            str(path), str(executed), parameters=params, cwd=os.getcwd(),
+            str(path), str(executed), parameters=params, cwd=cwd or os.getcwd(),
             kernel_name=kernel_name or "python3", progress_bar=sys.stderr.isatty(),
             execution_timeout=timeout,
             kernel_manager_class=_kernel_manager_class(kernel_name, {SUMMARY_ENV: str(summary_path.resolve())}))

@@ -17,8 +17,8 @@ from qkit.core.errors import QkitError
 from qkit.core.store import MANIFEST, Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec, compare, metrics
-from qkit.quant import artifacts, formats, registry, variants
-from qkit.studies import contract, plots
+from qkit.quant import artifacts, formats, methods, registry, variants
+from qkit.studies import cells, contract, plots
 from qkit.studies.contract import Summary
 
 EVALUATION = Kind("evaluation", 1)
@@ -103,7 +103,11 @@ def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:
 @dataclass(frozen=True)
 class Config:
     """What the methods study runs: the model, the methods (None: every study method), the calibration set
-    of the methods that calibrate, and the held-out text every checkpoint is evaluated on."""
+    of the methods that calibrate, and the held-out text every checkpoint is evaluated on. With ``executor``
+    ``ray``, each method missing from the store is a Ray task (at ``ray_address``; None: a local instance)
+    asking for :func:`qkit.studies.cells.quantization_resources` with ``cell_resources`` over them;
+    ``local`` runs them one after another here. Checkpoints made elsewhere are evaluated here, where their
+    paths are."""
 
     model: str = models.DEFAULT_MODEL
     methods: tuple[str, ...] | None = None
@@ -114,6 +118,9 @@ class Config:
     eval_tokens: int = 8192
     ctx: int = 512
     seed: int = 0
+    executor: str = "local"
+    ray_address: str | None = None
+    cell_resources: tuple[tuple[str, float], ...] = ()
 
     @property
     def calib_spec(self) -> CalibSpec:
@@ -149,9 +156,18 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     data.check_disjoint(config.calib, config.eval_text)
     calib, eval_spec = config.calib_spec, config.eval_spec
     loaded = models.resolve_model(config.model, store=store)
+    todo = [n for n in names if variants.is_method(n) and not _evaluated(loaded, n, calib, eval_spec, store)]
+    failed: dict[str, BaseException] = {}
+    if todo and (ex := cells.executor(config.executor, workers=1, address=config.ray_address)).offloads(len(todo)):
+        needs = cells.quantization_resources(loaded.info["n_params"], config.cell_resources)
+        failed = ex.run(_method_cell, [cells.Cell(n, (n, calib, eval_spec, config.seed), needs) for n in todo],
+                        init=_worker_init, init_args=(config.model, str(store.root)), desc="methods",
+                        keep_going=True)
     rows = []
     for name in tqdm(names, desc="methods", unit="method"):
         try:
+            if name in failed:  # it failed in its cell; running it again here would fail the same way
+                raise failed[name]
             variant = variants.parse(loaded, name, calib=calib, store=store)
             rows.append(evaluate(loaded, variant, eval_spec, store=store, seed=config.seed))
         except QkitError:
@@ -162,6 +178,24 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     df = pd.DataFrame(rows)
     df.attrs["model"] = loaded.info
     return Result(config, df)
+
+
+def _evaluated(loaded: models.LoadedModel, name: str, calib: CalibSpec, eval_spec: EvalSpec, store: Store) -> bool:
+    key = store.key(methods.CHECKPOINT, methods.checkpoint_spec(loaded, name, calib))
+    return store.lookup(EVALUATION, evaluation_spec(key, eval_spec)) is not None
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model: str, root: str) -> None:
+    store = Store(root)
+    _WORKER.update(store=store, loaded=models.resolve_model(model, store=store))
+
+
+def _method_cell(name: str, calib: CalibSpec, eval_spec: EvalSpec, seed: int) -> None:
+    loaded, store = _WORKER["loaded"], _WORKER["store"]
+    evaluate(loaded, variants.parse(loaded, name, calib=calib, store=store), eval_spec, store=store, seed=seed)
 
 
 @dataclass
@@ -362,5 +396,7 @@ def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
                      if calib else "none (not needed)",
                      "built": prov["time"], "git commit": prov["git_commit"],
                      "hardware": f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}",
+                     # built before qkit recorded the node: unknown
+                     "node": " ".join(prov.get("node", {}).values()) or "unknown",
                      "libraries": ", ".join(f"{k} {v}" for k, v in prov["libraries"].items())})
     return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
