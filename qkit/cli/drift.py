@@ -22,20 +22,23 @@ def cmd_drift_check(args: argparse.Namespace) -> int:
     reference = models.resolve_model(args.reference, trust_remote_code=args.trust_remote_code)
     deployment = variants.parse(reference, args.quantized)
     state = drift.update(args.log, reference, deployment, scoring)
-    mon = monitor.monitor(state.results, config)
+    path = drift.state_path_for(args.log, reference, deployment, scoring)
+    result = drift.check(state, config, path, everything=args.all)
+    mon = result.mon
 
     def pct(x: float) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
     rows = []
-    for _, w in mon.windows.iterrows():
+    for _, w in mon.windows[mon.windows["tested"]].iterrows():
         acc = (f"{pct(w['acc_ref'])}/{pct(w['acc_quant'])}" if "acc_ref" in w and not math.isnan(w["acc_ref"])
                else "-")
         rows.append((w["window"], f"{w['first_line']}-{w['last_line']}", w["n"], f"{w['kld']:.3g}",
                      "baseline" if w["baseline"] else f"{w['kld_ratio']:.2f}", pct(w["top1"]), pct(w["served_top1"]),
                      f"{w['ref_logprob']:.3f}", pct(w["tail_share"]), acc, "ALERT" if w["alert"] else ""))
     print(f"{args.log}: {len(state.results)} requests, {deployment.label} against {args.reference}, windows of "
-          f"{config.window}")
+          f"{config.window}" + ("" if args.all or mon.first_window == 0 else
+                                f"; windows new since the last check: from {mon.first_window} on"))
     common.print_table(("window", "lines", "n", "KLD", "xbase", "top1%", "served%", "ref_lp", "tail%", "acc ref/q%",
                   "alert"), rows)
     if state.malformed:
@@ -45,12 +48,14 @@ def cmd_drift_check(args: argparse.Namespace) -> int:
     n_cut = sum(r["truncated"] for r in state.results)
     if n_cut:
         print(f"{n_cut} request(s) longer than the context: their prompts were cut from the left")
-    for line in monitor.alert_lines(mon):
+    if not rows:
+        print(f"no window new since the last check (through window {len(mon.windows) - 1}); --all shows them all")
+    for line in monitor.alert_lines(mon.events):
         print(line)
-    alerts = args.alerts or drift.state_path_for(args.log, reference, deployment, scoring).with_name("alerts.json")
-    drift.write_alerts(mon, state, alerts)
+    alerts = args.alerts or path.with_name("alerts.json")
+    drift.write_alerts(result, state, alerts)
     print(f"alerts: {alerts}")
-    return 1 if mon.alerts else 0
+    return 1 if result.new_alerts else 0
 
 
 def cmd_drift_replay(args: argparse.Namespace) -> int:
@@ -71,7 +76,8 @@ def cmd_drift_replay(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     drift = sub.add_parser("drift", help="monitor a quantized deployment's drift from its reference on logged "
                                          "traffic").add_subparsers(dest="drift_command", required=True, metavar="COMMAND")
-    p = drift.add_parser("check", help="measure a request log's new lines, print a table per window; exit 1 on an alert")
+    p = drift.add_parser("check", help="measure a request log's new lines, print a table per new window; exit 1 on "
+                                       "an alert that opened in them")
     p.add_argument("--log", required=True, help="JSONL request log (fields: see qkit.data.request_log)")
     p.add_argument("--reference", default=DEFAULT_MODEL, help=f"the unquantized model (default {DEFAULT_MODEL})")
     p.add_argument("--quantized", required=True, metavar="METHOD|DIR",
@@ -79,6 +85,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", help="requests per window, or a duration such as 30m, 6h (default: the monitor's, 50)")
     p.add_argument("--alerts", default=None, help="where to write the alerts as JSON (default: beside the state "
                                                    "in the store)")
+    p.add_argument("--all", action="store_true", help="check and report every window of the log, as if for the "
+                                                      "first time (the next scheduled check is not affected)")
     p.add_argument("--batch-size", type=int, help="requests per forward pass (default 8)")
     p.add_argument("--max-new-tokens", type=int,
                    help="greedy answer length for checkable requests and missing completions (default 32)")
