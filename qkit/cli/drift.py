@@ -73,6 +73,53 @@ def cmd_drift_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _canary(args: argparse.Namespace):
+    from qkit.data import request_log
+    from qkit.evaluation import canary
+
+    if args.prompts:
+        request_log.check_log(args.prompts)
+    return canary.identify(args.model, args.variant, args.prompts)
+
+
+def _load(args: argparse.Namespace, ident):
+    from qkit.evaluation import canary
+
+    return canary.deployment(ident, args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def cmd_canary_record(args: argparse.Namespace) -> int:
+    from qkit.evaluation import canary
+
+    config = canary.CanaryConfig(**common.given(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                                top_k=args.top_k))
+    dep = _load(args, _canary(args))
+    saved = canary.make_record(dep, config)
+    path = canary.save_record(saved, args.record)
+    env = saved["environment"]
+    print(f"recorded {len(saved['prompts'])} prompts of {dep.id.names['prompts']} on {env['device']} in "
+          f"{env['dtype']}, torch {env['torch_build']['version']}: {path}")
+    return 0
+
+
+def cmd_canary_check(args: argparse.Namespace) -> int:
+    from qkit.evaluation import canary
+
+    ident = _canary(args)
+    saved, path = canary.load_record(ident, args.record)  # a wrong record fails before a model loads
+    result = canary.check_record(saved, _load(args, ident),
+                                 canary.ANY_CHANGE if args.any_change else canary.Thresholds())
+    print(f"{path}: {len(result.per_prompt)} prompts rerun against their record")
+    print("environment changed: " + ("; ".join(result.changed) if result.changed else "nothing"))
+    rows = [(m["measure"], m["n"], f"{m['value']:.4g}", f"[{m['low']:.4g}, {m['high']:.4g}]", f"{m['threshold']:.4g}",
+             "ALERT" if m["alert"] else "") for _, m in result.measures.iterrows()]
+    common.print_table(("measure", "n", "now", "95% CI", "alert past", "alert"), rows)
+    if result.alert:
+        print("ALERT: the numbers moved past a threshold" + (" with the environment change above" if result.changed
+                                                              else ", with no environment change qkit can see"))
+    return 1 if result.alert else 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     drift = sub.add_parser("drift", help="monitor a quantized deployment's drift from its reference on logged "
                                          "traffic").add_subparsers(dest="drift_command", required=True, metavar="COMMAND")
@@ -103,3 +150,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, help="tokens per answer, greedy (default 32)")
     p.add_argument("--batch-size", type=int, help="prompts per generate call (default 8)")
     p.set_defaults(func=cmd_drift_replay)
+    canary = drift.add_parser("canary", help="does the same checkpoint still compute the same after an upgrade?"
+                              ).add_subparsers(dest="canary_command", required=True, metavar="COMMAND")
+    for name, help_text in (("record", "run a fixed prompt set and record outputs, log-probs, top-k, correctness "
+                                       "and the environment"),
+                            ("check", "rerun a record's prompts here and compare; exit 1 past a threshold")):
+        p = canary.add_parser(name, help=help_text)
+        common.model_args(p)
+        p.add_argument("--variant", default=None, metavar="METHOD|DIR",
+                       help="the deployed variant of --model (default: --model itself)")
+        p.add_argument("--prompts", default=None, help="JSONL prompts (the log format; default: qkit's 64 sample "
+                                                        "prompts)")
+        p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="the dtype --model runs in (default float32; not for a --variant)")
+        p.add_argument("--record", default=None, help="the record's file (default: in the store, keyed by model, "
+                                                       "variant and prompts)")
+        if name == "record":
+            p.add_argument("--max-new-tokens", type=int, help="greedy tokens per prompt (default 32)")
+            p.add_argument("--batch-size", type=int, help="prompts per forward pass (default 8)")
+            p.add_argument("--top-k", type=int, help="entries of each position's distribution kept (default 8)")
+            p.set_defaults(func=cmd_canary_record)
+        else:
+            p.add_argument("--any-change", action="store_true",
+                           help="alert on any change its CI shows, however small (thresholds 0)")
+            p.set_defaults(func=cmd_canary_check)
