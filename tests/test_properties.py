@@ -243,7 +243,7 @@ def test_drift_windows_alerts_and_figure(rows, window) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a log that fills only the baseline warns; it must not fail
         mon = monitor.monitor(rows, config)
-    monitor.alert_lines(mon)
+    monitor.alert_lines(mon.events)
     monitor.worst(mon)
     _draw(plots.drift_windows(mon.windows, mon.config))
 

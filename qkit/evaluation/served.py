@@ -74,8 +74,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     return out
 
 
-def _encode(tokenizer: Any, prompt: str, completion: Sequence[int] | str, max_length: int
-            ) -> tuple[list[int], int, bool]:
+def encode(tokenizer: Any, prompt: str, completion: Sequence[int] | str, max_length: int
+           ) -> tuple[list[int], int, bool]:
     """(ids, index of the first completion token, truncated): the last `max_length` tokens of prompt +
     completion (token ids, or text to tokenize), so a long prompt loses its start. At least one token
     stays before the completion."""
@@ -87,7 +87,19 @@ def _encode(tokenizer: Any, prompt: str, completion: Sequence[int] | str, max_le
     return ids[cut:], max(1, len(p) - cut), cut > 0
 
 
-def _check(req: Request, text: str) -> float:
+def right_padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token sequences padded on the right to the longest."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def score(req: Request, text: str) -> float:
+    """A checkable request's completion `text` scored by its check (1.0 correct)."""
     scorer = SCORERS[req.check]
     doc = {"prompt": req.prompt, **req.fields}
     return next(iter(scorer(doc, [text]).values()))
@@ -112,7 +124,7 @@ def measure(reference: models.LoadedModel, quantized: Any, requests: Sequence[Re
             completion, tokens = r.completion, r.completion_ids or r.completion
         else:
             completion, tokens = made[r.line]
-        ids, start, truncated = _encode(tok, r.prompt, tokens, max_length)
+        ids, start, truncated = encode(tok, r.prompt, tokens, max_length)
         if start < len(ids):
             encoded.append((r, completion, ids, start, truncated))
     n_cut = sum(e[4] for e in encoded)
@@ -125,12 +137,7 @@ def measure(reference: models.LoadedModel, quantized: Any, requests: Sequence[Re
     results = []
     for i in tqdm(range(0, len(encoded), config.batch_size), desc="scoring", unit="batch", leave=False):
         batch = encoded[i:i + config.batch_size]
-        width = max(len(e[2]) for e in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, e in enumerate(batch):
-            ids[row, :len(e[2])] = torch.tensor(e[2])
-            mask[row, :len(e[2])] = 1
+        ids, mask = right_padded([e[2] for e in batch], pad)
         # the head is applied to completion rows only
         hidden_p = final_hidden(reference.model, ids, attention_mask=mask)
         hidden_q = final_hidden(quantized, ids, attention_mask=mask)
@@ -147,7 +154,7 @@ def measure(reference: models.LoadedModel, quantized: Any, requests: Sequence[Re
                    "completion": completion, "generated": r.completion is None, "check": r.check}
             if r.check:
                 ref_answer = ref_answers[r.line][0]
-                res.update(correct_quant=_check(r, completion), correct_ref=_check(r, ref_answer),
+                res.update(correct_quant=score(r, completion), correct_ref=score(r, ref_answer),
                            ref_answer=ref_answer)
             results.append(res)
     return sorted(results, key=lambda res: res["line"])

@@ -118,6 +118,16 @@ def is_method(spec: str) -> bool:
         spec in table for table in (registry.METHODS, registry.BACKEND_METHODS, registry.KV_METHODS))
 
 
+def spec_key(spec: str) -> Any:
+    """What identifies the answers of a method or a checkpoint, without loading it: the method's name and
+    recipe (its checkpoint's own key holds the library versions, which a record made before an upgrade
+    must not), or the checkpoint's content fingerprint."""
+    if not is_method(spec):
+        return models.fingerprint(spec)
+    method = registry.get_method(spec)
+    return {"method": method.name, "recipe": registry.recipe_yaml(method)}
+
+
 def check(spec: str) -> None:
     """The QkitError :func:`parse` would raise for `spec` before it builds anything, so that a study fails on
     a typo before minutes of work."""

@@ -9,6 +9,10 @@ Windows, baselines and change tests are in :mod:`qkit.evaluation.monitor`.
 **Incremental**: the state (byte offset, line count, per-request results) lives in the qkit store under
 ``drift/<key>``, keyed by the log's path, the two models and the scoring settings; a rerun reads only
 the lines added since, and a log that was rewritten or rotated (its start changed) is read afresh.
+
+**Checks** (:func:`check`) report only the windows new since the last check with the same monitor
+settings (the last window again if it has grown), and each alert once: the state also keeps, per monitor
+settings, the last window checked and the alerts still open (see :mod:`qkit.evaluation.monitor`).
 """
 from __future__ import annotations
 
@@ -19,19 +23,18 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from qkit import models
 from qkit.core import provenance
 from qkit.core.errors import QkitError
-from qkit.core.store import Kind, Store, write_json_atomic, write_text_atomic
+from qkit.core.store import Kind, Store, canonical, write_json_atomic, write_text_atomic
 from qkit.data.request_log import SAMPLE_PROMPTS, check_log, read_log, report_malformed
 from qkit.evaluation import metrics, monitor
 from qkit.evaluation.monitor import Monitor, worst
 from qkit.evaluation.served import DriftConfig, generate, measure
-from qkit.quant import registry, variants
+from qkit.quant import variants
 from qkit.quant.variants import Variant
 from qkit.studies import contract, plots
 from qkit.studies.contract import Summary
@@ -55,6 +58,8 @@ class DriftState:
     malformed: list[list] = field(default_factory=list)  # [line, why]
     skipped_empty: int = 0  # requests whose completion has no token
     meta: dict = field(default_factory=dict)
+    # Per monitor settings (a digest of them): the last window checked, its requests then, the open alerts.
+    checks: dict = field(default_factory=dict)
 
 
 def _head_digest(path: Path, n: int) -> str:
@@ -123,11 +128,47 @@ def update(log: str | Path, reference: models.LoadedModel, served: Variant, conf
     return state
 
 
-def write_alerts(mon: Monitor, state: DriftState, path: str | Path) -> None:
-    """The alerts as JSON, with what was compared and the provenance of the run."""
-    write_json_atomic(Path(path), {"log": state.log, "alerts": mon.alerts, "monitor": asdict(mon.config),
-                                   "n_requests": len(state.results), "malformed_lines": len(state.malformed),
-                                   **state.meta})
+@dataclass
+class Check:
+    """One check of a log: the monitor of the windows it tested, with their alert events."""
+    mon: Monitor
+    everything: bool  # the whole log (`--all`), not only the windows new since the last check
+
+    @property
+    def new_alerts(self) -> list[dict]:
+        return [e for e in self.mon.events if e["status"] == "new"]
+
+
+def _settings_key(config: monitor.MonitorConfig) -> str:
+    return hashlib.sha256(canonical(asdict(config)).encode()).hexdigest()[:16]
+
+
+def check(state: DriftState, config: monitor.MonitorConfig, path: str | Path, everything: bool = False) -> Check:
+    """Monitor the windows new since the last check of this state with these settings (the last one
+    again if it has grown), each alert reported once, and save where the check got to into the state at
+    `path` (:func:`state_path_for`). With `everything`, the whole log from a clean slate, saving nothing:
+    a look at the history must not make a scheduled check skip what it has not reported."""
+    key = _settings_key(config)
+    last = None if everything else state.checks.get(key)
+    sizes = monitor.assign_windows(pd.DataFrame(state.results), config).value_counts()
+    first = 0 if last is None else last["window"] + int(sizes.get(last["window"], 0) <= last["n"])
+    mon = monitor.monitor(state.results, config, first, [tuple(k) for k in last["open"]] if last else ())
+    if not everything:
+        end = int(sizes.index.max())
+        state.checks[key] = {"window": end, "n": int(sizes[end]), "open": [list(k) for k in mon.open]}
+        write_json_atomic(Path(path), asdict(state))
+    return Check(mon, everything)
+
+
+def write_alerts(result: Check, state: DriftState, path: str | Path) -> None:
+    """The check's alert events as JSON (window, tag, measure, effect, threshold, p and adjusted p, and
+    status: new, continuing or cleared), with what was compared and the provenance of the run."""
+    tested = result.mon.windows.loc[result.mon.windows["tested"], "window"]
+    write_json_atomic(Path(path), {
+        "log": state.log, "alerts": result.mon.events, "open": result.mon.open, "all_windows": result.everything,
+        "windows_checked": [int(tested.min()), int(tested.max())] if len(tested) else [],
+        "monitor": asdict(result.mon.config), "n_requests": len(state.results),
+        "malformed_lines": len(state.malformed), **state.meta})
 
 
 def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n: int = 5, by: str = "served_top1",
@@ -142,14 +183,6 @@ def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n
                          "window": rows["window"].to_numpy(), by: rows[by].round(3).to_numpy(),
                          "kld": rows["kld"].to_numpy(), "prompt (end)": [p[-160:] for p in prompts],
                          "served": rows["completion"].to_numpy(), "reference": [a for a, _ in answers]})
-
-
-def _serve_key(spec: str) -> Any:
-    """What identifies a method's or a checkpoint's answers, without loading it."""
-    if not variants.is_method(spec):
-        return models.fingerprint(spec)
-    method = registry.get_method(spec)
-    return {"method": method.name, "recipe": registry.recipe_yaml(method)}
 
 
 def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None = None, out: str | Path | None = None,
@@ -195,8 +228,8 @@ def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None
     if out is not None:
         write_text_atomic(Path(out), serve_all())
         return Path(out)
-    spec = {"reference": reference.info["fingerprint"], "serve": _serve_key(serve),
-            "switch_to": _serve_key(switch_to) if switch_to else None, "switch_at": at,
+    spec = {"reference": reference.info["fingerprint"], "serve": variants.spec_key(serve),
+            "switch_to": variants.spec_key(switch_to) if switch_to else None, "switch_at": at,
             "prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest(), "max_new_tokens": max_new_tokens,
             "batch_size": batch_size}  # left padding can move a greedy choice at a near tie
     store = store or Store()
@@ -304,7 +337,7 @@ class Result:
         return side_by_side(self.log, self.mon, self.reference, n=n, max_new_tokens=self.config.max_new_tokens)
 
     def findings(self) -> list[str]:
-        return [f"- {line}" for line in monitor.alert_lines(self.mon)] or ["No alert."]
+        return [f"- {line}" for line in monitor.alert_lines(self.mon.events)] or ["No alert."]
 
     def figures(self) -> plots.Figures:
         return plots.Figures({"windows": lambda: plots.drift_windows(self.mon.windows, self.mon.config)})
