@@ -59,13 +59,6 @@ def test_false_alarms_on_long_unchanged_logs_stay_under_alpha():
     assert rates["windows_bh"] <= monitor.MonitorConfig.alpha, rates
 
 
-@pytest.mark.slow
-def test_false_alarms_measured_over_100_logs_of_300_windows():
-    rates = false_alarms(range(100), n_windows=300)
-    print(rates)
-    assert rates["logs_bh"] <= monitor.MonitorConfig.alpha and rates["windows_bh"] <= monitor.MonitorConfig.alpha
-
-
 def test_benjamini_hochberg_adjusts_in_the_given_order():
     adjusted = metrics.benjamini_hochberg([0.01, 0.04, 0.03, 0.5])
     assert np.allclose(adjusted, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
