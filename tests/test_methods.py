@@ -63,7 +63,7 @@ def test_recipe_yaml_is_the_registry_recipe_in_llmcompressor_format():
 def test_int4_methods_use_a_group_that_divides_the_default_model_and_is_not_its_grid():
     # SmolLM2's layers take 576 inputs (128 does not divide it) and its weights lie on a Q4_1 grid of
     # blocks of 32, where a group of 32 could look falsely lossless.
-    int4 = [m for m in METHODS.values() if m.expected_format == "pack-quantized"]
+    int4 = [m for m in METHODS.values() if m.expected_format == "pack-quantized" and m.weight_bits == 4]
     assert {m.name for m in int4} == {"w4a16_rtn", "w4a16_gptq", "w4a16_awq", "w4a16_gptq_actorder", "w4a16_autoround",
                                       "w4a16_quip", "w4a16_spinquant"}
     assert all(576 % m.group_size == 0 and 1536 % m.group_size == 0 and m.group_size > 32 for m in int4)
@@ -87,7 +87,7 @@ def test_native_hardware_table():
     assert capability == {"fp8_dynamic": (8, 9), "fp8_static": (8, 9), "w8a8_int8": (8, 0), "w4a16_rtn": (8, 0),
                           "w4a16_gptq": (8, 0), "w4a16_awq": (8, 0), "nvfp4a16": (10, 0), "nvfp4": (10, 0),
                           "fp8_block": (8, 9), "mxfp4a16": (10, 0), "w4a16_gptq_actorder": (8, 0),
-                          "w4a16_autoround": (8, 0), "w4a16_quip": (8, 0), "w4a16_spinquant": (8, 0)}
+                          "w4a16_autoround": (8, 0), "w4a16_quip": (8, 0), "w4a16_spinquant": (8, 0), "w8a16_rtn": (8, 0)}
     assert "8.9" in str(METHODS["fp8_dynamic"].native_hardware)
 
 
