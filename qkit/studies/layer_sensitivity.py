@@ -58,13 +58,13 @@ class Config:
     format: str = "w4a16_rtn"
     units: tuple[str, ...] = ("layers", "types")
     reverse: tuple[str, ...] = ("types",)  # unit kinds also measured kept-in-float among the rest quantized
-    texts: tuple[str, ...] = ("prose", "code")
+    texts: tuple[str, ...] = ("prose",)
     eval_tokens: int = 2048
     ctx: int = 256
     formats: tuple[str, ...] = ("w4a16_rtn", "w8a16_rtn")  # the search's candidates besides float
     search_units: str = "types"
     budgets: tuple[float, ...] = (4.5, 5.0, 6.0)
-    targets: tuple[str, ...] = ("prose", "code")
+    targets: tuple[str, ...] = ("prose",)
     anchors: tuple[str, ...] = ("w4a16_rtn", "w4a16_gptq", "w8a16_rtn", "gguf_q4_k_m")
     calib: str = "prose"  # activations of the proxy
     samples: int = 16
@@ -77,8 +77,10 @@ class Config:
 
 PROFILES = {
     "quick": Config(),
-    # Every Linear measured, on 4x the text: ~200 units x 2 texts for SmolLM2, a night on a CPU.
-    "full": Config(units=("layers", "types", "modules"), reverse=("types", "layers"), eval_tokens=8192, ctx=512,
+    # Every Linear measured, on 4x the text and on code too, each text's mix scored on the other: ~200
+    # units x 2 texts for SmolLM2, a night on a CPU.
+    "full": Config(units=("layers", "types", "modules"), reverse=("types", "layers"), texts=("prose", "code"),
+                   targets=("prose", "code"), eval_tokens=8192, ctx=512,
                    search_units="layers", budgets=(4.5, 5.0, 6.0, 8.0), samples=64, seq_len=512),
 }
 
