@@ -131,3 +131,11 @@ def test_bad_include_paths_and_tasks_are_one_line_errors(tmp_path) -> None:
         user.include(clash)
     with pytest.raises(QkitError, match="for your own lm-eval YAML tasks pass --include-path"):
         tasks.get_task("never_included")
+
+
+def test_the_task_catalog_lists_the_builtin_tasks_and_the_include_paths(tmp_path) -> None:
+    from qkit.studies import task_sensitivity as S
+
+    catalog = S.task_catalog(S.config(include_path=str(write_task(tmp_path / "cat", "cat_task"))))
+    assert {"qkit_gsm8k", "qkit_hellaswag", "cat_task"} <= set(catalog.index)
+    assert catalog.loc["cat_task", "items"] == 8 and catalog.loc["cat_task", "metric"] == "acc"

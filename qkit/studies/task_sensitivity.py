@@ -149,6 +149,13 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     return score(config, loaded, store=store)
 
 
+def task_catalog(config: Config) -> pd.DataFrame:
+    """The tasks a run can choose from: the built-in ones and those of the config's include path, with
+    their items, metric, source and license."""
+    user = user_tasks.include(config.include_path, dict(config.families))
+    return pd.DataFrame(tasks.item_counts(user)).set_index("task")
+
+
 def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = None,
           compared: Sequence[variants.Variant] | None = None) -> Result:
     """The study on a model already loaded: the baseline and ``compared`` (default: a variant per entry of
