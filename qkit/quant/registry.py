@@ -69,6 +69,7 @@ class Method:
     recipe_text: str | None = None  # a recipe of another shape, as llm-compressor takes it
     in_study: bool = True  # run by the methods study by default
     source: str = ""  # the recipe file it was read from
+    kind: str = "weights"  # or "kv": a KV-cache method, for the KV study
 
     @property
     def weight_format(self) -> str:
@@ -132,21 +133,15 @@ def load_recipe(path: str | Path, name: str | None = None) -> Method:
         needs_calibration=header.get("calibration", True),
         native_hardware=HARDWARE.get(header.get("hardware"), Hardware("as its format allows", None)),
         expected_format=header.get("format", ""), reload_dtype=header.get("reload_dtype", "float32"),
-        kv_bits=header.get("kv_bits"), in_study=header.get("study", True), source=str(path))
+        kv_bits=header.get("kv_bits"), in_study=header.get("study", True), source=str(path),
+        kind=header.get("kind", "weights"))
 
 
-def _builtin_recipes(kind: str) -> tuple[Method, ...]:
-    """The recipe files of one kind, the widest weights first (then by name), as tables list them."""
-    methods = []
-    for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        header = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("qkit", {})
-        if header.get("kind", "weights") == kind:
-            methods.append(load_recipe(path, name=path.stem))
-    return tuple(sorted(methods, key=lambda m: (-(m.weight_bits or 0), m.name)))
-
-
-_METHODS = _builtin_recipes("weights")
-_KV_METHODS = _builtin_recipes("kv")
+# The recipe files, the widest weights first (then by name), as tables list them.
+_RECIPES = sorted((load_recipe(p, name=p.stem) for p in RECIPE_DIR.glob("*.yaml")),
+                  key=lambda m: (-(m.weight_bits or 0), m.name))
+_METHODS = tuple(m for m in _RECIPES if m.kind == "weights")
+_KV_METHODS = tuple(m for m in _RECIPES if m.kind == "kv")
 # Who builds each method's checkpoint: a module with build(loaded, method, calib, out) -> manifest meta and
 # load(path, dtype=...) -> model (see qkit.quant.methods), imported only when one of its methods runs.
 BACKENDS = {"llmcompressor": "qkit.quant.backends.llmcompressor", "gguf": "qkit.quant.backends.gguf",
