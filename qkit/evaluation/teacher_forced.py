@@ -38,6 +38,11 @@ BASELINE = Kind("baseline", 1)
 # shortfall is a near-constant ~2.4% of the KLD and no practical k reaches 1e-3. Final hidden states
 # take H floats per token (576 for SmolLM2: 2.3 KB) and give the exact logits back.
 
+# Not compiled: torch.compile (inductor, CPU) of SmolLM2-135M's decoder took 114 s to compile (124 s with
+# freezing) on the 2-core Xeon shared with other jobs (load average 5-10), for 1.20x (1.31x) steady-state
+# speed at batch 4 x 512 and outputs within 9e-5 of eager; a study's comparison of 8,192 tokens takes
+# ~60 s per model eagerly there, and each variant is another model to compile, so it never pays back.
+
 # A rebuilt logit may differ from the model's own by this fraction of the largest |logit|: float
 # rounding only (the matmul may be blocked differently), far below anything that moves a KLD.
 _HEAD_RTOL = 1e-4
@@ -133,11 +138,15 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
         return logits.float()
 
 
-def _batches(chunks: torch.Tensor, batch_size: int, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(chunks [b, ctx], targets [b*(ctx-1)]) per batch."""
+def _forward(model: Any, chunks: torch.Tensor, batch_size: int, desc: str, **kwargs: Any
+             ) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(model output, targets [b*(ctx-1)]) per batch of chunks."""
+    device = next(model.parameters()).device
     for i in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch", leave=False):
         batch = chunks[i:i + batch_size]
-        yield batch, batch[:, 1:].reshape(-1)
+        with torch.inference_mode():
+            out = model(batch.to(device), **kwargs)
+        yield out, batch[:, 1:].reshape(-1)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -166,10 +175,7 @@ def _baseline(loaded: LoadedModel, spec: EvalSpec, store: Store, chunks: torch.T
 
     def build(tmp: Path) -> dict:
         parts = []
-        device = next(loaded.model.parameters()).device
-        for batch, _ in _batches(chunks, spec.batch_size, "baseline"):
-            with torch.inference_mode():
-                out = loaded.model(batch.to(device), output_hidden_states=True)
+        for out, _ in _forward(loaded.model, chunks, spec.batch_size, "baseline", output_hidden_states=True):
             hidden = _rows(out.hidden_states[-1])
             if not parts:  # one batch shows whether this architecture's logits can be rebuilt
                 _check_head(loaded, hidden, _rows(out.logits))
@@ -203,13 +209,9 @@ def compare(model: torch.nn.Module, loaded: LoadedModel, spec: EvalSpec, store: 
     per_row = spec.ctx - 1
     stats: dict[str, list[torch.Tensor]] = {}
     started, row = time.perf_counter(), 0
-    device = next(model.parameters()).device
-    for batch, targets in _batches(chunks, spec.batch_size, label):
-        # The head on the rows that predict a token, as for the baseline: [rows, V] float32 logits once,
-        # with no [b, ctx, V] model output to slice and copy.
-        logits_q = head_logits(model, _rows(final_hidden(model, batch.to(device))))
-        logits_p = head_logits(loaded.model, ref.hidden[row:row + len(targets)])
-        for name, value in metrics.token_stats(logits_p.cpu(), logits_q.cpu(), targets).items():
+    for out, targets in _forward(model, chunks, spec.batch_size, label):
+        logits_p = head_logits(loaded.model, ref.hidden[row:row + len(targets)]).cpu()
+        for name, value in metrics.token_stats(logits_p, _rows(out.logits), targets).items():
             stats.setdefault(name, []).append(value)
         row += len(targets)
     seconds = time.perf_counter() - started
