@@ -23,10 +23,11 @@ from qkit.core.errors import QkitError
 # for Llama-3).
 _CHUNK_ELEMENTS = 2**23
 # Rows per step of token_stats: 4 MiB of float32 logits per model (21 rows of SmolLM2's 49,152), so a
-# block's passes hit cache. Measured on 1,022 SmolLM2-sized rows, 2-core Xeon shared with other jobs (load
-# average ~5), min of 3, against the previous 32 MiB steps with float64 copies (1.61 s at 1 thread, 2.04 s
-# at 2): 2^16 elements 0.50 s / 2.58 s (1 / 2 threads; per-op overhead), 2^18 0.46 / 1.17, 2^20 0.48 /
-# 1.00, 2^22 0.83 s at 1 thread.
+# block's passes hit cache. Measured with SmolLM2-sized rows on the 2-core Xeon shared with other jobs
+# (load average 5-7), min of 3, against the previous 32 MiB steps with float64 copies: on 1,022 rows at 1
+# thread 1.61 s before, 0.50 s at 2^16 elements, 0.46 s at 2^18, 0.48 s at 2^20, 0.83 s at 2^22; on 2,044
+# rows at 2 threads 5.7 s before, 13.3 s at 2^18, 4.5 s at 2^20, 3.6 s at 2^22 (each op is a parallel
+# region, and a thread that loses its core stalls every one). 2^20 is never slower than before.
 _BLOCK_ELEMENTS = 2**20
 
 # Per-unit values accepted by the statistics helpers.
