@@ -111,6 +111,25 @@ def test_compare_matches_an_independent_full_computation(tiny, perturbed, tmp_pa
     np.testing.assert_allclose(s["chunk_top1"], same.view(8, 127).mean(1).numpy(), rtol=0, atol=0)
 
 
+def test_compare_equals_float64_on_each_models_own_logits(tiny, perturbed, tmp_path):
+    """compare (final hidden states → output head → token stats in row blocks) against the computation it
+    replaced, to float rounding: each model's own full logits, KLD by kld_exact and NLL by log_softmax,
+    both in float64, top-1 from the logits' argmax."""
+    s = E.compare(perturbed, tiny, SPEC, Store(tmp_path))
+    ids = data.eval_tokens("prose", tiny.tokenizer, 1024).view(-1, 128)
+    targets = ids[:, 1:].reshape(-1, 1)
+    base, quant = full_logits(tiny.model, ids), full_logits(perturbed, ids)
+    nll_base = -torch.log_softmax(base, -1).gather(1, targets).view(8, 127)
+    nll = -torch.log_softmax(quant, -1).gather(1, targets).view(8, 127)
+    np.testing.assert_allclose(s["chunk_kld"], kld_exact(base, quant).view(8, 127).mean(1), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(s["chunk_nll_base"], nll_base.mean(1), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(s["chunk_nll"], nll.mean(1), rtol=0, atol=1e-6)
+    assert s["ppl_quant"] == pytest.approx(nll.mean().exp().item(), rel=1e-6)
+    assert s["mean_dp_pct"] == pytest.approx(100 * (nll.neg().exp() - nll_base.neg().exp()).mean().item(), abs=1e-6)
+    same = (base.argmax(-1) == quant.argmax(-1)).double().view(8, 127).mean(1)
+    np.testing.assert_array_equal(s["chunk_top1"], same.numpy())
+
+
 def test_baseline_is_computed_once_and_text_tokenized_once_per_call(tiny, perturbed, tmp_path, monkeypatch):
     loaded = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model))  # a hook of its own
     baseline_forwards = count_forwards(loaded.model)

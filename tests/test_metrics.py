@@ -50,6 +50,27 @@ def test_token_stats_matches_scipy_loop():
     assert 0 < stats["same_top1"].sum() < 48  # the noise changes some argmaxes but not all
 
 
+def test_token_stats_equals_float64_log_softmax_in_blocks_with_unused_tokens(monkeypatch):
+    """The blocked float32 computation against the plain float64 one it replaced (kld_exact, and NLL and Δp
+    from log_softmax), over several blocks, with tokens that P, Q or both never use (-inf logits)."""
+    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 3 * V)  # 3 rows per block, the last block 2 rows
+    lp, targets = random_logits(20, 30), targets_for(20, 3).clamp_min(10)
+    lq = perturbed(lp, 31)
+    lp[0, :10], lq[0, :10] = -math.inf, -math.inf  # neither uses them: they add nothing
+    lp[1, :10] = -math.inf  # only P never uses them: still finite
+    lq[2, 5] = -math.inf  # Q never uses a token P does: +inf
+    stats, exact = M.token_stats(lp, lq, targets), M.kld_exact(lp, lq)
+    assert math.isinf(stats["kld"][2]) and math.isinf(exact[2])
+    finite = torch.arange(20) != 2
+    torch.testing.assert_close(stats["kld"][finite], exact[finite], rtol=0, atol=1e-7)
+    logp = torch.log_softmax(lp.double(), -1).gather(1, targets[:, None]).squeeze(1)
+    logq = torch.log_softmax(lq.double(), -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(stats["nll_base"], -logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats["nll"], -logq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(stats["dp"], logq.exp() - logp.exp(), rtol=0, atol=1e-7)
+    assert torch.equal(stats["same_top1"], lp.argmax(-1) == lq.argmax(-1))
+
+
 def test_kld_exact_matches_scipy():
     lp = random_logits(32, 4)
     lq = perturbed(lp, 5, noise=1.0)
@@ -139,6 +160,7 @@ def test_chunking_does_not_change_results(monkeypatch):
     lq = perturbed(lp, 13)
     whole_stats, whole_exact = M.token_stats(lp, lq, targets), M.kld_exact(lp, lq)
     monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 5 * V + 1)  # 5 rows per step, last step 2 rows
+    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 5 * V + 1)
     for name, value in M.token_stats(lp, lq, targets).items():
         torch.testing.assert_close(value, whole_stats[name], rtol=0, atol=0)
     torch.testing.assert_close(M.kld_exact(lp, lq), whole_exact, rtol=0, atol=0)

@@ -38,6 +38,11 @@ BASELINE = Kind("baseline", 1)
 # shortfall is a near-constant ~2.4% of the KLD and no practical k reaches 1e-3. Final hidden states
 # take H floats per token (576 for SmolLM2: 2.3 KB) and give the exact logits back.
 
+# Not compiled: torch.compile (inductor, CPU) of SmolLM2-135M's decoder took 114 s to compile (124 s with
+# freezing) on the 2-core Xeon shared with other jobs (load average 5-10), for 1.20x (1.31x) steady-state
+# speed at batch 4 x 512 and outputs within 9e-5 of eager; a study's comparison of 8,192 tokens takes
+# ~60 s per model eagerly there, and each variant is another model to compile, so it never pays back.
+
 # A rebuilt logit may differ from the model's own by this fraction of the largest |logit|: float
 # rounding only (the matmul may be blocked differently), far below anything that moves a KLD.
 _HEAD_RTOL = 1e-4
