@@ -10,9 +10,9 @@ A manifest that disagrees with the files (truncated copy, flipped bit, missing f
 invalid: it is removed and rebuilt, never used.
 
 Many processes, on one machine or on every node of a cluster whose ``QKIT_CACHE`` is a shared path, may
-use one store. Whoever builds an entry holds its lease, an flock on ``<root>/<kind>/.<key>.lock``: a second
-process that needs the entry meanwhile waits on the lease and then reads what the first built, so nothing
-is built twice. The OS releases the lease of a builder that dies (on NFSv4 the server does once the dead
+use one store. Whoever builds an entry holds its lease, an flock on ``<root>/.locks/<kind>/<key>.lock``
+(beside the entries, not among them): a second process that needs the entry meanwhile waits on the lease
+and then reads what the first built, so nothing is built twice. The OS releases the lease of a builder that dies (on NFSv4 the server does once the dead
 client stops renewing its lock lease, 90 s by default), and the next builder takes it over and removes the
 dead one's ``.<key>.building.*`` directory; ``qkit cache clean`` removes those of every entry.
 """
@@ -190,6 +190,7 @@ class Store:
         holds it. A store that this process cannot write is a QkitError."""
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
+            _lock_path(entry).parent.mkdir(parents=True, exist_ok=True)
             lock = _lock(entry)
             try:
                 lock.acquire(blocking=False)
@@ -231,7 +232,7 @@ class Store:
     def usage(self) -> dict[str, tuple[int, int]]:
         """Entries and bytes on disk per kind, building directories included in the bytes."""
         out = {}
-        for kind in sorted(p for p in self.root.glob("*") if p.is_dir()):
+        for kind in sorted(p for p in self.root.glob("*") if p.is_dir() and not p.name.startswith(".")):
             entries = sum(1 for p in kind.iterdir() if p.is_dir() and not p.name.startswith("."))
             size = sum(f.lstat().st_size for f in kind.rglob("*") if f.is_file() and not f.is_symlink())
             out[kind.name] = (entries, size)
@@ -286,11 +287,16 @@ def _lock(entry: Path) -> FileLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
 
-    return FileLock(entry.parent / f".{entry.name}.lock", on_acquired=holder)
+    return FileLock(_lock_path(entry), on_acquired=holder)
+
+
+def _lock_path(entry: Path) -> Path:
+    """An entry's lease file, kept out of its kind's folder, which holds entries (and their builds) only."""
+    return entry.parent.parent / ".locks" / entry.parent.name / f"{entry.name}.lock"
 
 
 def _holder(entry: Path) -> str:
     try:
-        return (entry.parent / f".{entry.name}.lock").read_text() or "another process"
+        return _lock_path(entry).read_text() or "another process"
     except OSError:
         return "another process"
