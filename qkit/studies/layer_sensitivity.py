@@ -375,18 +375,21 @@ class Result:
         return out
 
     def _against_uniform(self) -> list[str]:
-        """Each mix against the uniform methods of about its size or larger, from paired CIs over chunks."""
+        """Each uniform method against the mix closest to it in size, from the paired CI over chunks."""
         out = []
         if self.mix_rows.empty or self.anchor_rows.empty:
             return out
-        for _, m in self.mix_rows[self.mix_rows["text"] == self.mix_rows["target"]].iterrows():
-            same = self.anchor_rows[(self.anchor_rows["text"] == m["text"])
-                                    & (self.anchor_rows["bf16_run_mb"] >= 0.97 * m["bf16_run_mb"])]
-            for _, a in same.iterrows():
-                diff, lo, hi = metrics.mean_ci(m["chunk_kld"], paired_with=a["chunk_kld"], seed=self.config.seed)
-                word = ("lower KLD than" if hi < 0 else "higher KLD than" if lo > 0 else "no resolved difference from")
-                out.append(f"{m['mix']} ({m['bf16_run_mb']:.3g} MB) on {m['text']}: {word} {a['method']} "
-                           f"({a['bf16_run_mb']:.3g} MB, no smaller): KLD difference {diff:+.3g} [{lo:+.3g}, {hi:+.3g}].")
+        mixes = self.mix_rows[self.mix_rows["text"] == self.mix_rows["target"]]
+        for _, a in self.anchor_rows.iterrows():
+            near = mixes[mixes["text"] == a["text"]]
+            if near.empty:
+                continue
+            m = near.loc[(near["bf16_run_mb"] - a["bf16_run_mb"]).abs().idxmin()]
+            diff, lo, hi = metrics.mean_ci(m["chunk_kld"], paired_with=a["chunk_kld"], seed=self.config.seed)
+            word = "lower KLD than" if hi < 0 else "higher KLD than" if lo > 0 else "no resolved difference from"
+            out.append(f"On {a['text']}, the mix closest in size to {a['method']} ({a['bf16_run_mb']:.3g} MB), "
+                       f"{m['mix']} ({m['bf16_run_mb']:.3g} MB), has {word} it: KLD difference {diff:+.3g} "
+                       f"[{lo:+.3g}, {hi:+.3g}].")
         return out
 
     def figures(self) -> plots.Figures:
