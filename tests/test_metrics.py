@@ -11,6 +11,7 @@ from scipy.stats import entropy
 
 from qkit.core.errors import QkitError
 from qkit.evaluation import metrics as M
+from qkit.evaluation.tasks import scoring
 
 V = 1000
 
@@ -256,18 +257,18 @@ def test_weighted_scores_are_lm_evals_aggregates_and_their_ci_a_paired_bootstrap
     ll, units = -rng.gamma(4.0, 3.0, 30), rng.integers(3, 40, 30).astype(float)
     nll = -ll / units
     # lm-eval: weighted_perplexity = exp(-sum(ll)/sum(units)), bits_per_byte = -sum(ll)/sum(units)/ln 2.
-    assert M.weighted_score(nll, units, "weighted_perplexity") == pytest.approx(math.exp(-ll.sum() / units.sum()))
-    assert M.weighted_score(nll, units, "bits_per_byte") == pytest.approx(-ll.sum() / units.sum() / math.log(2))
+    assert scoring.weighted_score(nll, units, "weighted_perplexity") == pytest.approx(math.exp(-ll.sum() / units.sum()))
+    assert scoring.weighted_score(nll, units, "bits_per_byte") == pytest.approx(-ll.sum() / units.sum() / math.log(2))
     # With equal weights bits per byte is linear in NLL: the CI is the plain paired bootstrap's, scaled.
     other = nll + rng.normal(0.05, 0.02, 30)
     ones = np.ones(30)
     expected = np.array(M.bootstrap_ci(other, paired_with=nll, seed=2)) / math.log(2)
-    assert M.weighted_diff_ci(other, nll, ones, "bits_per_byte", seed=2) == pytest.approx(expected, rel=1e-9)
-    diff, low, high = M.weighted_diff_ci(other, nll, units, "weighted_perplexity")
-    assert diff == pytest.approx(M.weighted_score(other, units, "weighted_perplexity")
-                                 - M.weighted_score(nll, units, "weighted_perplexity"))
+    assert scoring.weighted_diff_ci(other, nll, ones, "bits_per_byte", seed=2) == pytest.approx(expected, rel=1e-9)
+    diff, low, high = scoring.weighted_diff_ci(other, nll, units, "weighted_perplexity")
+    assert diff == pytest.approx(scoring.weighted_score(other, units, "weighted_perplexity")
+                                 - scoring.weighted_score(nll, units, "weighted_perplexity"))
     assert 0 < low < diff < high
-    assert math.isnan(M.weighted_diff_ci(other[:1], nll[:1], units[:1], "bits_per_byte")[1])
+    assert math.isnan(scoring.weighted_diff_ci(other[:1], nll[:1], units[:1], "bits_per_byte")[1])
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from qkit.core.errors import QkitError
-from qkit.evaluation import metrics, tasks
-from qkit.evaluation.tasks import user
+from qkit.evaluation import tasks
+from qkit.evaluation.tasks import scoring, user
 
 QUESTIONS = [("What is two plus two?", ["four", "five", "twenty-two"]),
              ("What is the capital of France?", ["Paris", "Rome", "Lyon"]),
@@ -76,7 +76,7 @@ def test_a_users_rolling_likelihood_task_scores_as_lm_eval_aggregates(tiny, tmp_
                                         max_length=tiny.info["max_length"])
     nll, weight = [r["score"] for r in records], [r["weight"] for r in records]
     assert len(set(weight)) > 1  # the items differ in length, so a plain mean would not do
-    assert metrics.weighted_score(nll, weight, task.aggregation) == pytest.approx(aggregate, rel=1e-12)
+    assert scoring.weighted_score(nll, weight, task.aggregation) == pytest.approx(aggregate, rel=1e-12)
     # The prompts whose KLD the study measures are the scored texts themselves.
     assert tasks.prompts(task, tiny.tokenizer)[0].startswith("The sky is blue")
 

@@ -260,42 +260,6 @@ def mean_ci(values: Values, *, paired_with: Values | None = None, n_boot: int = 
     return bootstrap_ci(a, n_boot=n_boot, seed=seed, paired_with=paired_with)
 
 
-# lm-eval's aggregations of (log-likelihood, words or bytes) pairs, applied to per-item NLL per unit.
-WEIGHTED_AGGREGATIONS: dict[str, Callable[[float], float]] = {
-    "weighted_perplexity": math.exp, "bits_per_byte": lambda nll: nll / math.log(2)}
-
-
-def weighted_score(nll: Values, weights: Values, aggregation: str) -> float:
-    """lm-eval's score of a ``loglikelihood_rolling`` task from per-item NLL per unit (nats per word or
-    byte) and each item's units: ``aggregation`` of the unit-weighted mean NLL, so it equals
-    lm-eval's ``weighted_perplexity`` or ``bits_per_byte`` over the same items."""
-    x, w = _as_numpy(nll, "per-item NLL"), _as_numpy(weights, "item weights")
-    return WEIGHTED_AGGREGATIONS[aggregation](float((x * w).sum() / w.sum()))
-
-
-def weighted_diff_ci(values: Values, paired_with: Values, weights: Values, aggregation: str, *,
-                     n_boot: int = BOOTSTRAP_RESAMPLES, alpha: float = 0.05, seed: int = 0
-                     ) -> tuple[float, float, float]:
-    """(difference, low, high) of :func:`weighted_score` between two models on the same items: items are
-    resampled in pairs, and each resample's scores are ratios of weighted sums, as lm-eval aggregates.
-    NaN bounds for a single item."""
-    q, b, w = (_as_numpy(v, what) for v, what in ((values, "per-item NLL"), (paired_with, "paired NLL"),
-                                                  (weights, "item weights")))
-    if not q.shape == b.shape == w.shape:
-        raise QkitError(f"weighted bootstrap needs equal lengths, got {q.size}, {b.size} and {w.size}",
-                        "pass one NLL and one weight per item for both models, in the same order")
-    f = WEIGHTED_AGGREGATIONS[aggregation]
-    point = weighted_score(q, w, aggregation) - weighted_score(b, w, aggregation)
-    if q.size < 2:
-        return point, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, q.size, size=(n_boot, q.size))
-    ws = w[idx].sum(axis=1)
-    boots = np.vectorize(f)((q[idx] * w[idx]).sum(axis=1) / ws) - np.vectorize(f)((b[idx] * w[idx]).sum(axis=1) / ws)
-    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return point, min(float(low), point), max(float(high), point)
-
-
 def spearman_ci(x: Values, y: Values, *, n_boot: int = BOOTSTRAP_RESAMPLES, alpha: float = 0.05, seed: int = 0
                 ) -> tuple[float, float, float]:
     """Spearman's rank correlation of paired values (ρ, low, high), the CI by resampling the pairs; NaN

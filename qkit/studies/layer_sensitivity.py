@@ -154,8 +154,8 @@ class Study:
                "eval": spec.key()}
 
         def run_it() -> dict:
-            every = self.weights(fmt)
-            chosen = ({m: w for m, w in every.items() if m not in set(modules)} if keep_float
+            every, kept = self.weights(fmt), set(modules)
+            chosen = ({m: w for m, w in every.items() if m not in kept} if keep_float
                       else {m: every[m] for m in modules})
             with mixed.swapped(self.model_copy(), chosen) as model:
                 return compare(model, self.loaded, spec, self.store, label=f"{fmt} {len(modules)} modules")

@@ -24,6 +24,7 @@ from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import TASK_PREFIX, EvalSpec, compare, metrics, tasks
 from qkit.evaluation.tasks import items as task_items
+from qkit.evaluation.tasks import scoring
 from qkit.evaluation.tasks import user as user_tasks
 from qkit.quant import variants
 from qkit.studies import contract, plots, quantization_methods
@@ -251,11 +252,11 @@ def compare_scores(base: np.ndarray, quant: np.ndarray, *, higher_is_better: boo
                    seed: int = 0, weights: np.ndarray | None = None, aggregation: str = "mean") -> dict:
     """Score, recovery, paired-bootstrap CI of the difference and flips for one set of paired items.
     A rolling-likelihood task's scores are per-item NLL per unit with ``weights`` (units per item), and
-    its score is lm-eval's ``aggregation`` of them (:func:`qkit.evaluation.metrics.weighted_score`)."""
+    its score is lm-eval's ``aggregation`` of them (:func:`qkit.evaluation.tasks.scoring.weighted_score`)."""
     if aggregation != "mean" and base.size:
-        diff, low, high = metrics.weighted_diff_ci(quant, base, weights, aggregation, seed=seed)
-        out: dict[str, Any] = {"n": int(base.size), "score_base": metrics.weighted_score(base, weights, aggregation),
-                               "score": metrics.weighted_score(quant, weights, aggregation)}
+        diff, low, high = scoring.weighted_diff_ci(quant, base, weights, aggregation, seed=seed)
+        out: dict[str, Any] = {"n": int(base.size), "score_base": scoring.weighted_score(base, weights, aggregation),
+                               "score": scoring.weighted_score(quant, weights, aggregation)}
     else:
         out = {"n": int(base.size), "score_base": float(base.mean()) if base.size else np.nan,
                "score": float(quant.mean()) if quant.size else np.nan}

@@ -57,7 +57,7 @@ class Task:
     # Where lm-eval finds the task's YAML: qkit's folder, or the user's include path.
     include_path: Path = TASK_DIR
     # "mean" of per-item scores, or a `loglikelihood_rolling` task's aggregation (a key of
-    # metrics.WEIGHTED_AGGREGATIONS): its per-item score is then NLL per word or byte, with a weight.
+    # scoring.WEIGHTED_AGGREGATIONS): its per-item score is then NLL per word or byte, with a weight.
     aggregation: str = "mean"
 
 

@@ -6,10 +6,15 @@ qkit keeps the per-item numbers for paired bootstraps and flips.
 from __future__ import annotations
 
 import functools
+import math
 import re
+from collections.abc import Callable
 from typing import Any
 
-from qkit.evaluation import sandbox
+import numpy as np
+
+from qkit.core.errors import QkitError
+from qkit.evaluation import metrics, sandbox
 
 # A number as people write answers: optional sign, thousands separators, decimals.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -84,3 +89,38 @@ def xsum_ll(doc: dict, results: list[tuple[float, bool]]) -> dict[str, float]:
     tokenizers of different granularity compare."""
     ll, _ = results[0]
     return {"nll_per_byte": -ll / len((" " + doc["summary"]).encode("utf-8"))}
+
+
+# lm-eval's aggregations of (log-likelihood, words or bytes) pairs, applied to per-item NLL per unit.
+WEIGHTED_AGGREGATIONS: dict[str, Callable[[float], float]] = {
+    "weighted_perplexity": math.exp, "bits_per_byte": lambda nll: nll / math.log(2)}
+
+
+def weighted_score(nll: metrics.Values, weights: metrics.Values, aggregation: str) -> float:
+    """lm-eval's score of a ``loglikelihood_rolling`` task from per-item NLL per unit (nats per word or
+    byte) and each item's units: ``aggregation`` of the unit-weighted mean NLL, so it equals
+    lm-eval's ``weighted_perplexity`` or ``bits_per_byte`` over the same items."""
+    x, w = np.asarray(nll, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    return WEIGHTED_AGGREGATIONS[aggregation](float((x * w).sum() / w.sum()))
+
+
+def weighted_diff_ci(values: metrics.Values, paired_with: metrics.Values, weights: metrics.Values, aggregation: str, *,
+                     n_boot: int = metrics.BOOTSTRAP_RESAMPLES, alpha: float = 0.05, seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """(difference, low, high) of :func:`weighted_score` between two models on the same items: items are
+    resampled in pairs, and each resample's scores are ratios of weighted sums, as lm-eval aggregates.
+    NaN bounds for a single item."""
+    q, b, w = (np.asarray(v, dtype=np.float64) for v in (values, paired_with, weights))
+    if not q.shape == b.shape == w.shape:
+        raise QkitError(f"weighted bootstrap needs equal lengths, got {q.size}, {b.size} and {w.size}",
+                        "pass one NLL and one weight per item for both models, in the same order")
+    f = WEIGHTED_AGGREGATIONS[aggregation]
+    point = weighted_score(q, w, aggregation) - weighted_score(b, w, aggregation)
+    if q.size < 2:
+        return point, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, q.size, size=(n_boot, q.size))
+    ws = w[idx].sum(axis=1)
+    boots = np.vectorize(f)((q[idx] * w[idx]).sum(axis=1) / ws) - np.vectorize(f)((b[idx] * w[idx]).sum(axis=1) / ws)
+    low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return point, min(float(low), point), max(float(high), point)
