@@ -1,7 +1,8 @@
 """Per-item scores: the ``process_results`` hooks of qkit's lm-eval tasks.
 
 Each hook returns one number per metric for one item; lm-eval averages them into the task's score, and
-qkit keeps the per-item numbers for paired bootstraps and flips.
+qkit keeps the per-item numbers for paired bootstraps and flips. A rolling-likelihood task's per-item
+numbers are NLL per word or byte with a weight, aggregated as lm-eval does (:func:`weighted_score`).
 """
 from __future__ import annotations
 
