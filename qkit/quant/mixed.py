@@ -122,15 +122,19 @@ def dequantized_weights(checkpoint: methods.Checkpoint) -> dict[str, torch.Tenso
             if getattr(m, "quantization_scheme", None) is not None}
 
 
-def unit_bytes(checkpoint: methods.Checkpoint | None, modules: Sequence[str], model: torch.nn.Module) -> int:
-    """What `modules` take in `checkpoint`'s files as on a GPU (float32 scales counted as BF16), or in BF16
-    for None (left in float): a unit's size comes from the checkpoint, not from a declared bit width."""
+def unit_bytes(checkpoint: methods.Checkpoint | None, units: Mapping[str, Sequence[str]], model: torch.nn.Module
+               ) -> dict[str, int]:
+    """What each unit's modules take in `checkpoint`'s files as on a GPU (float32 scales counted as BF16),
+    or in BF16 for None (left in float): a unit's size comes from the checkpoint, not from a declared bit
+    width. The checkpoint's headers are read once for all units."""
     if checkpoint is None:
         linears = linear_modules(model)
-        return sum(2 * linears[m].weight.numel() for m in modules)
-    prefixes = tuple(f"{m}." for m in modules)
-    return sum(n // 2 if dtype == "F32" else n for name, dtype, n in artifacts.checkpoint_tensors(checkpoint.path)
-               if name.startswith(prefixes))
+        return {u: sum(2 * linears[m].weight.numel() for m in mods) for u, mods in units.items()}
+    per_module: dict[str, int] = {}
+    for name, dtype, n in artifacts.checkpoint_tensors(checkpoint.path):
+        module = name.rsplit(".", 1)[0]
+        per_module[module] = per_module.get(module, 0) + (n // 2 if dtype == "F32" else n)
+    return {u: sum(per_module.get(m, 0) for m in mods) for u, mods in units.items()}
 
 
 @contextlib.contextmanager

@@ -222,14 +222,13 @@ class Study:
 
     def sizes(self, search_units: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
         """Bytes of each search unit in each candidate format (from its checkpoint) and in float (BF16)."""
-        linears = mixed.linear_modules(self.loaded.model)
-        rows = []
-        for unit, mods in search_units.items():
-            params = sum(linears[m].weight.numel() for m in mods)
-            row = {"unit": unit, "params": params, mixed.FLOAT: mixed.unit_bytes(None, mods, self.loaded.model)}
-            row.update({f: mixed.unit_bytes(self.checkpoints[f], mods, self.loaded.model) for f in self.config.formats})
-            rows.append(row)
-        return pd.DataFrame(rows).set_index("unit")
+        linears, model = mixed.linear_modules(self.loaded.model), self.loaded.model
+        table = pd.DataFrame({"params": {u: sum(linears[m].weight.numel() for m in mods)
+                                         for u, mods in search_units.items()},
+                              mixed.FLOAT: mixed.unit_bytes(None, search_units, model),
+                              **{f: mixed.unit_bytes(self.checkpoints[f], search_units, model)
+                                 for f in self.config.formats}})
+        return table.rename_axis("unit")
 
     def search(self, costs: pd.DataFrame, sizes: pd.DataFrame, search_units: Mapping[str, tuple[str, ...]]
                ) -> tuple[pd.DataFrame, list[dict]]:
