@@ -8,10 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from qkit import data
 from qkit.core.errors import QkitError
 from qkit.evaluation import EvalSpec
 from qkit.quant import methods, variants
+from qkit.quant.backends.gptqmodel import import_gptqmodel
 from qkit.studies import quantization_methods as studies
 
 SPEC = EvalSpec(n_tokens=512, ctx=128)
@@ -43,6 +46,33 @@ def test_a_gptq_checkpoint_written_by_gptqmodel_is_a_variant(tiny, tmp_path: Pat
     row = studies.evaluate(tiny, variants.parse(tiny, str(mine)), SPEC)
     ours = studies.evaluate(tiny, variants.parse(tiny, "w4a16_gptq_gptqmodel"), SPEC)
     assert row["format"] == "gptq" and row["kld_mean"] == pytest.approx(ours["kld_mean"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_an_awq_checkpoint_written_by_gptqmodel_is_a_variant(tiny, tmp_path: Path) -> None:
+    # Made outside qkit, as a user would: GPTQModel's AWQ, in the Hugging Face format (quant_method awq,
+    # GEMM packing). Its CPU packing kernel takes only fp16/bf16 weights, hence the fp16 load.
+    gptqmodel = import_gptqmodel()
+    from gptqmodel import BACKEND
+    from gptqmodel.quantization import FORMAT, METHOD
+
+    rows = [row for _, row in data.calibration_rows("prose", 8, 64, 0, tokenizer=tiny.tokenizer)]
+    config = gptqmodel.QuantizeConfig(bits=4, group_size=32, quant_method=METHOD.AWQ, format=FORMAT.GEMM,
+                                      offload_to_disk=False)
+    model = gptqmodel.GPTQModel.load(str(tiny.path), config, dtype=torch.float16, device="cpu")
+    model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1,
+                   backend=BACKEND.AWQ_TORCH)
+    mine = tmp_path / "awq_from_elsewhere"
+    model.save(str(mine))
+    assert json.loads((mine / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    variant = variants.parse(tiny, str(mine))
+    assert variant.info["quant_method"] == "awq"
+    q_proj = variant.model.model.layers[0].self_attn.q_proj
+    assert q_proj.qweight.dtype == torch.int32 and "Awq" in type(q_proj).__name__  # packed INT4, not float
+    row = studies.evaluate(tiny, variant, SPEC)
+    weights = sum(f.stat().st_size for f in mine.glob("*.safetensors"))
+    assert row["format"] == "awq" and row["size_mb"] == pytest.approx(weights / 1e6, rel=0.01)
+    assert 0 < row["kld_mean"] < 0.5
 
 
 def test_a_checkpoint_of_another_model_is_refused_before_any_work(tiny, tmp_path: Path) -> None:
