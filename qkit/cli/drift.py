@@ -16,7 +16,7 @@ def cmd_drift_check(args: argparse.Namespace) -> int:
     from qkit.quant import variants
     from qkit.studies import drift_monitoring as drift
 
-    config = monitor.MonitorConfig(**common.given(window=args.window))  # bad input fails before a model loads
+    config = monitor.MonitorConfig(**common.given(window=args.window, alpha=args.alpha))  # bad input fails before a model loads
     request_log.check_log(args.log)
     scoring = served.DriftConfig(**common.given(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens))
     reference = models.resolve_model(args.reference, trust_remote_code=args.trust_remote_code)
@@ -130,6 +130,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantized", required=True, metavar="METHOD|DIR",
                    help="the deployed model: a method from `qkit methods` or a model directory")
     p.add_argument("--window", help="requests per window, or a duration such as 30m, 6h (default: the monitor's, 50)")
+    p.add_argument("--alpha", type=float, help="false-alarm level of the check, Benjamini-Hochberg over all its "
+                                               "tests (default 0.01)")
     p.add_argument("--alerts", default=None, help="where to write the alerts as JSON (default: beside the state "
                                                    "in the store)")
     p.add_argument("--all", action="store_true", help="check and report every window of the log, as if for the "

@@ -271,6 +271,7 @@ class Config:
     switch_at: int | None = None
     prompts: str | None = None  # JSONL prompts to replay; None: qkit's sample prompts
     window: int | str = 16  # requests per window, or a duration such as "30m"
+    alpha: float = monitor.MonitorConfig.alpha  # false-alarm level: Benjamini-Hochberg over all tests
     max_new_tokens: int = DriftConfig.max_new_tokens
     batch_size: int = DriftConfig.batch_size
 
@@ -286,7 +287,7 @@ def config(profile: str | Config = "quick", **overrides) -> Config:
 def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Result:
     """Measure the log's new requests against the reference (replaying one first if none is given) and
     monitor them window by window."""
-    windows = monitor.MonitorConfig(window=config.window)  # bad input fails before a model loads
+    windows = monitor.MonitorConfig(window=config.window, alpha=config.alpha)  # bad input fails before a model loads
     reference = models.resolve_model(config.model, store=store)
     # A replayed log is kept in the store: a rerun serves nothing again and finds the measures stored.
     log = config.log or replay(reference, config.method, config.prompts, switch_to=config.switch_to,
