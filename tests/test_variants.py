@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -60,8 +61,10 @@ def test_an_awq_checkpoint_written_by_gptqmodel_is_a_variant(tiny, tmp_path: Pat
     config = gptqmodel.QuantizeConfig(bits=4, group_size=32, quant_method=METHOD.AWQ, format=FORMAT.GEMM,
                                       offload_to_disk=False)
     model = gptqmodel.GPTQModel.load(str(tiny.path), config, dtype=torch.float16, device="cpu")
-    model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1,
-                   backend=BACKEND.AWQ_TORCH)
+    # GPTQModel writes per-layer logs to ./logs of the working directory; keep them out of the checkout
+    with mock.patch.object(import_gptqmodel("gptqmodel.looper.loop_processor"), "_PROJECT_LOG_DIR", tmp_path / "logs"):
+        model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1,
+                       backend=BACKEND.AWQ_TORCH)
     mine = tmp_path / "awq_from_elsewhere"
     model.save(str(mine))
     assert json.loads((mine / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
