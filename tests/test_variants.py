@@ -62,7 +62,8 @@ def test_an_awq_checkpoint_written_by_gptqmodel_is_a_variant(tiny, tmp_path: Pat
                                       offload_to_disk=False)
     model = gptqmodel.GPTQModel.load(str(tiny.path), config, dtype=torch.float16, device="cpu")
     # GPTQModel writes per-layer logs to ./logs of the working directory; keep them out of the checkout
-    with mock.patch.object(import_gptqmodel("gptqmodel.looper.loop_processor"), "_PROJECT_LOG_DIR", tmp_path / "logs"):
+    loop_processor = import_gptqmodel("gptqmodel.looper.loop_processor")
+    with mock.patch.object(loop_processor, "_PROJECT_LOG_DIR", tmp_path / "logs"):
         model.quantize([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows], batch_size=1,
                        backend=BACKEND.AWQ_TORCH)
     mine = tmp_path / "awq_from_elsewhere"

@@ -16,7 +16,8 @@ def cmd_drift_check(args: argparse.Namespace) -> int:
     from qkit.quant import variants
     from qkit.studies import drift_monitoring as drift
 
-    config = monitor.MonitorConfig(**common.given(window=args.window, alpha=args.alpha))  # bad input fails before a model loads
+    # bad input fails before a model loads
+    config = monitor.MonitorConfig(**common.given(window=args.window, alpha=args.alpha))
     request_log.check_log(args.log)
     scoring = served.DriftConfig(**common.given(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens))
     reference = models.resolve_model(args.reference, trust_remote_code=args.trust_remote_code)

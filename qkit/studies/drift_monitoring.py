@@ -287,7 +287,8 @@ def config(profile: str | Config = "quick", **overrides) -> Config:
 def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Result:
     """Measure the log's new requests against the reference (replaying one first if none is given) and
     monitor them window by window."""
-    windows = monitor.MonitorConfig(window=config.window, alpha=config.alpha)  # bad input fails before a model loads
+    # bad input fails before a model loads
+    windows = monitor.MonitorConfig(window=config.window, alpha=config.alpha)
     reference = models.resolve_model(config.model, store=store)
     # A replayed log is kept in the store: a rerun serves nothing again and finds the measures stored.
     log = config.log or replay(reference, config.method, config.prompts, switch_to=config.switch_to,
