@@ -21,6 +21,7 @@ from qkit.studies import kv_cache as kvcache
 from qkit.studies import plots
 from qkit.studies import quantization_methods as studies
 from qkit.studies import task_sensitivity as S
+from qkit.studies import task_tables as T
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -57,7 +58,7 @@ def paired(draw, values=st.sampled_from([0.0, 1.0])):
 @given(paired(), st.integers(0, 3))
 def test_compare_scores_brackets_the_change_and_the_recovery(pair, seed) -> None:
     base, quant = pair
-    out = S.compare_scores(base, quant, seed=seed)
+    out = T.compare_scores(base, quant, seed=seed)
     assert _contains(out["diff"], out["diff_low"], out["diff_high"])
     assert _contains(out["recovery_pct"], out["recovery_low"], out["recovery_high"])
     assert math.isnan(out["recovery_pct"]) == (out["score_base"] == 0)
@@ -68,7 +69,7 @@ def test_compare_scores_brackets_the_change_and_the_recovery(pair, seed) -> None
 @given(paired(st.floats(0.05, 5.0, allow_nan=False)))
 def test_lower_is_better_recovery_is_bracketed(pair) -> None:
     base, quant = pair
-    out = S.compare_scores(base, quant, higher_is_better=False, binary=False)
+    out = T.compare_scores(base, quant, higher_is_better=False, binary=False)
     assert _contains(out["recovery_pct"], out["recovery_low"], out["recovery_high"])
 
 
@@ -118,7 +119,7 @@ def test_the_rounding_tie_that_broke_the_report_draws() -> None:
     100·score/base and its bounds 100·(1 + diff/base), which rounded 1.4e-14 apart."""
     base = np.zeros(12)
     base[3] = 1
-    out = S.compare_scores(base, base.copy())
+    out = T.compare_scores(base, base.copy())
     assert out["recovery_low"] <= out["recovery_pct"] <= out["recovery_high"]
     fam = pd.DataFrame([{"method": "w8a8_int8", "family": "arithmetic", **out}])
     _draw(plots.recovery_by_family(fam))

@@ -10,8 +10,9 @@ import pytest
 from qkit.core.errors import QkitError
 from qkit.core.store import Kind, Store
 from qkit.evaluation import tasks
-from qkit.studies import plots
+from qkit.studies import cells, plots
 from qkit.studies import task_sensitivity as S
+from qkit.studies import task_tables as T
 
 
 def _result(scores: dict[tuple[str, str], list[float]], methods=("m",)) -> S.Result:
@@ -26,7 +27,7 @@ def _result(scores: dict[tuple[str, str], list[float]], methods=("m",)) -> S.Res
 def test_compare_scores_known_flips_difference_and_recovery() -> None:
     base = np.array([1, 1, 0, 0, 1, 1, 1, 1], float)
     quant = np.array([1, 0, 1, 0, 1, 1, 0, 1], float)
-    out = S.compare_scores(base, quant)
+    out = T.compare_scores(base, quant)
     assert (out["n"], out["score_base"], out["score"]) == (8, 0.75, 0.625)
     assert out["diff"] == pytest.approx(-0.125)
     assert (out["correct_to_wrong"], out["wrong_to_correct"], out["flips_pct"]) == (2, 1, 37.5)
@@ -36,19 +37,19 @@ def test_compare_scores_known_flips_difference_and_recovery() -> None:
 
 def test_paired_ci_collapses_when_every_item_moves_alike_and_excludes_zero_for_a_clear_loss() -> None:
     base = np.linspace(0.2, 0.9, 30)
-    out = S.compare_scores(base, base - 0.1, binary=False)
+    out = T.compare_scores(base, base - 0.1, binary=False)
     # Each difference is exactly -0.1: the paired bootstrap has nothing to resample; unpaired would not collapse.
     assert out["diff_low"] == pytest.approx(-0.1) and out["diff_high"] == pytest.approx(-0.1)
     assert "correct_to_wrong" not in out
 
 
 def test_recovery_is_undefined_when_the_baseline_scores_zero() -> None:
-    out = S.compare_scores(np.zeros(5), np.array([0, 0, 1, 0, 0.0]))
+    out = T.compare_scores(np.zeros(5), np.array([0, 0, 1, 0, 0.0]))
     assert np.isnan(out["recovery_pct"]) and out["wrong_to_correct"] == 1
 
 
 def test_lower_is_better_recovery() -> None:
-    out = S.compare_scores(np.array([2.0, 2.0]), np.array([2.5, 2.5]), higher_is_better=False, binary=False)
+    out = T.compare_scores(np.array([2.0, 2.0]), np.array([2.5, 2.5]), higher_is_better=False, binary=False)
     assert out["recovery_pct"] == pytest.approx(80.0)
 
 
@@ -159,7 +160,7 @@ def test_bad_profile_and_method_fail_before_any_work() -> None:
 
 
 TINY_PROFILE = S.Config(max_items=2, context_lengths=(256,), depths=(0.0, 1.0), per_cell=1, kld_tokens=256,
-                        max_gen_toks=8, batch_size=2, model="tiny", methods=("fp8_dynamic",))
+                        max_gen_toks=8, batch_size=2, model="tiny", methods=("fp8_dynamic",), workers=1)
 
 
 def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, monkeypatch) -> None:
@@ -198,3 +199,27 @@ def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, mon
     assert calls == [("qkit_arithmetic", (148,))] * 2  # 3 spread items: the 2 cached ends + the middle one
     with pytest.raises(QkitError, match="limit 3 is more than the 2 items of qkit_passkey"):
         S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=["qkit_passkey"], limit=3), store=store)
+
+
+@pytest.mark.slow
+def test_cells_in_worker_processes_give_the_same_items_and_a_warm_rerun_starts_none(tiny, tmp_path, monkeypatch
+                                                                                    ) -> None:
+    def store_with_tiny(root):
+        shutil.copytree(tiny.path, root / "model" / tiny.path.name)  # not trained again
+        return Store(root)
+
+    config = S.config(TINY_PROFILE, methods=["fp8_dynamic", "w4a16_rtn"], tasks=["qkit_arithmetic"])
+    here = S.run(config, store=store_with_tiny(tmp_path / "here"))
+    pooled_store = store_with_tiny(tmp_path / "pooled")
+    pooled = S.run(S.config(config, workers=2), store=pooled_store)
+    columns = ["method", "task", "id", "score", "output"]
+    pd.testing.assert_frame_equal(pooled.items[columns], here.items[columns])
+    pd.testing.assert_frame_equal(pooled.kld, here.kld)
+    assert (S.timing_table(pooled)["total"] > 0).all()  # each cell's seconds, recorded where it ran
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a warm rerun started worker processes")
+
+    monkeypatch.setattr(cells.LocalExecutor, "run", no_workers)
+    again = S.run(S.config(config, workers=2), store=pooled_store)
+    pd.testing.assert_frame_equal(again.items, pooled.items)

@@ -276,6 +276,14 @@ class Store:
                                          "provenance": provenance.collect(), "items": done})
             return {i: done[i] for i in ids}
 
+    def has_items(self, kind: Kind, spec: dict, ids: Sequence[str]) -> bool:
+        """Whether :meth:`get_items` would find every one of `ids` without computing."""
+        try:
+            done = json.loads((self.path(kind, spec) / "items.json").read_text())["items"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return all(i in done for i in ids)
+
     @staticmethod
     def manifest(path: Path) -> dict:
         return json.loads((Path(path) / MANIFEST).read_text())

@@ -57,6 +57,11 @@ def from_method(loaded: models.LoadedModel, method: str | registry.Method, *, ca
                    {"kind": "method", "method": ckpt.method.name, "checkpoint": str(ckpt.path)})
 
 
+def method_identity(loaded: models.LoadedModel, method: str, calib: CalibSpec | None, store: Store) -> str:
+    """The identity :func:`from_method`'s variant has, known without building its checkpoint."""
+    return store.key(methods.CHECKPOINT, methods.checkpoint_spec(loaded, method, calib))
+
+
 # What a checkpoint's config.json names as its quant_method, and who reloads it.
 RELOADERS = {"compressed-tensors": "llmcompressor", "gptq": "gptqmodel", "awq": "gptqmodel"}
 

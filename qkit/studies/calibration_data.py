@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from qkit import data, evaluation, models
@@ -124,7 +123,7 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
         needs = cells.quantization_resources(loaded.info["n_params"], config.cell_resources)
         todo = [cells.Cell(f"{m} with {c.name} {c.n_samples} x {c.seq_len} seed {c.seed}", (m, c, evals), needs)
                 for m, c in missing]
-        ex.run(_worker_cell, todo, init=_worker_init,
+        ex.run(_worker_cell, todo, init=cells.model_worker,
                init_args=(config.model, str(store.root), config.trust_remote_code), desc="calibration sweep")
     rows = []
     for method, calib in tqdm(all_cells, desc="calibration sweep", unit="checkpoint", disable=not missing):
@@ -150,17 +149,9 @@ def _cell(loaded, method: str, calib: data.CalibSpec, evals, store) -> list[dict
     return rows
 
 
-_WORKER: dict = {}
-
-
-def _worker_init(model: str, root: str, trust_remote_code: bool) -> None:
-    torch.set_num_threads(1)
-    store = Store(root)
-    _WORKER.update(store=store, loaded=models.resolve_model(model, store=store, trust_remote_code=trust_remote_code))
-
-
 def _worker_cell(method: str, calib: data.CalibSpec, evals) -> None:
-    _cell(_WORKER["loaded"], method, calib, evals, _WORKER["store"])
+    loaded, store = cells.worker()
+    _cell(loaded, method, calib, evals, store)
 
 
 METRICS = {"kld_mean": "mean KLD to baseline (nats)", "ppl_quant": "perplexity", "top1_pct": "top-1 agreement (%)"}

@@ -21,7 +21,9 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from qkit import models
 from qkit.core.errors import QkitError, lookup
+from qkit.core.store import Store
 from qkit.plan import memory
 
 EXECUTORS = ("local", "ray")
@@ -233,6 +235,24 @@ def _probe(address: str) -> None:
     if not host or not port.isdigit():
         raise ValueError(f"expected host:port, got {address!r}")
     socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+
+
+_MODEL_WORKER: dict[str, Any] = {}
+
+
+def model_worker(model: str, root: str, trust_remote_code: bool = False) -> None:
+    """An ``init`` for cells that need the study's model: one torch thread (a cell's process shares the
+    cores with the other cells), the model loaded once per process and the store at `root`; a cell gets
+    them from :func:`worker`."""
+    torch.set_num_threads(1)
+    store = Store(root)
+    _MODEL_WORKER.update(store=store, loaded=models.resolve_model(model, store=store,
+                                                                  trust_remote_code=trust_remote_code))
+
+
+def worker() -> tuple[models.LoadedModel, Store]:
+    """The model and store :func:`model_worker` prepared in this process."""
+    return _MODEL_WORKER["loaded"], _MODEL_WORKER["store"]
 
 
 def executor(name: str, *, workers: int | None = None, address: str | None = None) -> Executor:

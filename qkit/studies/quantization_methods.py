@@ -16,7 +16,7 @@ from qkit import data, models
 from qkit.core.errors import QkitError
 from qkit.core.store import MANIFEST, Kind, Store
 from qkit.data import CalibSpec
-from qkit.evaluation import EvalSpec, compare, metrics
+from qkit.evaluation import EvalSpec, baseline, compare, metrics
 from qkit.quant import artifacts, formats, methods, registry, variants
 from qkit.studies import cells, contract, plots
 from qkit.studies.contract import Summary
@@ -103,11 +103,12 @@ def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:
 @dataclass(frozen=True)
 class Config:
     """What the methods study runs: the model, the methods (None: every study method), the calibration set
-    of the methods that calibrate, and the held-out text every checkpoint is evaluated on. With ``executor``
-    ``ray``, each method missing from the store is a Ray task (at ``ray_address``; None: a local instance)
-    asking for :func:`qkit.studies.cells.quantization_resources` with ``cell_resources`` over them;
-    ``local`` runs them one after another here. Checkpoints made elsewhere are evaluated here, where their
-    paths are."""
+    of the methods that calibrate, and the held-out text every checkpoint is evaluated on. Each method
+    missing from the store is a cell: with ``executor`` ``local``, run in ``workers`` processes (None:
+    :func:`qkit.studies.cells.default_workers`; 1: one after another here); with ``ray``, a Ray task (at
+    ``ray_address``; None: a local instance) asking for :func:`qkit.studies.cells.quantization_resources`
+    with ``cell_resources`` over them. Checkpoints made elsewhere are evaluated here, where their paths
+    are."""
 
     model: str = models.DEFAULT_MODEL
     methods: tuple[str, ...] | None = None
@@ -119,6 +120,7 @@ class Config:
     ctx: int = 512
     seed: int = 0
     executor: str = "local"
+    workers: int | None = None
     ray_address: str | None = None
     cell_resources: tuple[tuple[str, float], ...] = ()
 
@@ -158,10 +160,12 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     loaded = models.resolve_model(config.model, store=store)
     todo = [n for n in names if variants.is_method(n) and not _evaluated(loaded, n, calib, eval_spec, store)]
     failed: dict[str, BaseException] = {}
-    if todo and (ex := cells.executor(config.executor, workers=1, address=config.ray_address)).offloads(len(todo)):
+    if todo and (ex := cells.executor(config.executor, workers=config.workers,
+                                      address=config.ray_address)).offloads(len(todo)):
+        baseline(loaded, eval_spec, store)  # once, here, rather than by every worker
         needs = cells.quantization_resources(loaded.info["n_params"], config.cell_resources)
         failed = ex.run(_method_cell, [cells.Cell(n, (n, calib, eval_spec, config.seed), needs) for n in todo],
-                        init=_worker_init, init_args=(config.model, str(store.root)), desc="methods",
+                        init=cells.model_worker, init_args=(config.model, str(store.root)), desc="methods",
                         keep_going=True)
     rows = []
     for name in tqdm(names, desc="methods", unit="method"):
@@ -185,16 +189,8 @@ def _evaluated(loaded: models.LoadedModel, name: str, calib: CalibSpec, eval_spe
     return store.lookup(EVALUATION, evaluation_spec(key, eval_spec)) is not None
 
 
-_WORKER: dict = {}
-
-
-def _worker_init(model: str, root: str) -> None:
-    store = Store(root)
-    _WORKER.update(store=store, loaded=models.resolve_model(model, store=store))
-
-
 def _method_cell(name: str, calib: CalibSpec, eval_spec: EvalSpec, seed: int) -> None:
-    loaded, store = _WORKER["loaded"], _WORKER["store"]
+    loaded, store = cells.worker()
     evaluate(loaded, variants.parse(loaded, name, calib=calib, store=store), eval_spec, store=store, seed=seed)
 
 
