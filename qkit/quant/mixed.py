@@ -46,6 +46,11 @@ def layer_of(name: str) -> int:
     return int(_LAYER.search(name).group(1))
 
 
+def unit_kind(unit: str) -> str:
+    """Which kind of unit :func:`units` named `unit`: a layer, a module type or one module."""
+    return "layer" if unit.startswith("layer ") else "type" if unit.startswith("type ") else "module"
+
+
 def units(model: torch.nn.Module, kinds: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Unit name → its module names, for each of `kinds` (:data:`UNIT_KINDS`), in model order."""
     unknown = sorted(set(kinds) - set(UNIT_KINDS))

@@ -21,12 +21,10 @@ from qkit.studies.contract import Summary
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cells.Placement):
     """A sweep along three axes through one center point, each point at every seed and method:
     sources at ``center`` (samples, seq_len); sample counts and sequence lengths for ``curve_source``.
-    Where cells run changes no result: ``executor`` ``local`` (``workers`` processes, None:
-    :func:`qkit.studies.cells.default_workers`) or ``ray`` (at ``ray_address``, None: a local instance), each
-    cell asking for :func:`qkit.studies.cells.quantization_resources` with ``cell_resources`` over them."""
+    Each checkpoint missing from the store is a cell (see :class:`qkit.studies.cells.Placement`)."""
 
     methods: tuple[str, ...]
     sources: tuple[str, ...]
@@ -40,10 +38,6 @@ class Config:
     eval_tokens: int = 4096
     ctx: int = 512
     model: str = models.DEFAULT_MODEL
-    workers: int | None = None
-    executor: str = "local"
-    ray_address: str | None = None
-    cell_resources: tuple[tuple[str, float], ...] = ()
     trust_remote_code: bool = False
 
     def configs(self) -> list[data.CalibSpec]:
@@ -116,15 +110,11 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     missing = [(m, c) for m, c in all_cells if any(
         store.lookup(studies.EVALUATION, studies.evaluation_spec(store.key(methods.CHECKPOINT, methods.checkpoint_spec(
             loaded, m, c)), e)) is None for e in evals)]
-    if missing and (ex := cells.executor(config.executor, workers=config.workers,
-                                         address=config.ray_address)).offloads(len(missing)):
-        for spec in evals:  # once, here, before the workers start, rather than waited for by all but one
-            evaluation.baseline(loaded, spec, store)
-        needs = cells.quantization_resources(loaded.info["n_params"], config.cell_resources)
-        todo = [cells.Cell(f"{m} with {c.name} {c.n_samples} x {c.seq_len} seed {c.seed}", (m, c, evals), needs)
-                for m, c in missing]
-        ex.run(_worker_cell, todo, init=cells.model_worker,
-               init_args=(config.model, str(store.root), config.trust_remote_code), desc="calibration sweep")
+    cells.offload(config, _worker_cell, [(f"{m} with {c.name} {c.n_samples} x {c.seq_len} seed {c.seed}",
+                                          (m, c, evals)) for m, c in missing],
+                  model=config.model, loaded=loaded, store=store, trust_remote_code=config.trust_remote_code,
+                  before=lambda: [evaluation.baseline(loaded, spec, store) for spec in evals],
+                  desc="calibration sweep")
     rows = []
     for method, calib in tqdm(all_cells, desc="calibration sweep", unit="checkpoint", disable=not missing):
         rows.extend(_cell(loaded, method, calib, evals, store))

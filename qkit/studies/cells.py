@@ -255,6 +255,39 @@ def worker() -> tuple[models.LoadedModel, Store]:
     return _MODEL_WORKER["loaded"], _MODEL_WORKER["store"]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where a study's cells run, a part of every study's config; it changes no result. ``executor``
+    ``local``: ``workers`` processes on this machine (None: :func:`default_workers`; 1: one after another in
+    the study's own process); ``ray``: a Ray task per cell at ``ray_address`` (None: a local instance),
+    each asking for :func:`quantization_resources` with ``cell_resources`` over them."""
+
+    executor: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+    cell_resources: tuple[tuple[str, float], ...] = ()
+
+
+def offload(place: Placement, fn: Callable[..., Any], todo: Sequence[tuple[str, tuple]], *, model: str,
+            loaded: models.LoadedModel, store: Store, desc: str, trust_remote_code: bool = False,
+            before: Callable[[], Any] | None = None, keep_going: bool = False) -> dict[str, BaseException]:
+    """``fn(*args)`` for each ``(label, args)`` of `todo`, as cells of `place`'s executor, in processes
+    prepared by :func:`model_worker` (the study's `model`, its store). Nothing runs when the executor would
+    run them in this process: the study then computes them as it reads the results back. `before` runs
+    here first, once, for what every cell needs (a baseline), rather than waited for by all cells but one.
+    Returns the failures by label, with `keep_going` (see :meth:`Executor.run`)."""
+    if not todo:
+        return {}
+    ex = executor(place.executor, workers=place.workers, address=place.ray_address)
+    if not ex.offloads(len(todo)):
+        return {}
+    if before is not None:
+        before()
+    needs = quantization_resources(loaded.info["n_params"], place.cell_resources)
+    return ex.run(fn, [Cell(label, args, needs) for label, args in todo], init=model_worker,
+                  init_args=(model, str(store.root), trust_remote_code), desc=desc, keep_going=keep_going)
+
+
 def executor(name: str, *, workers: int | None = None, address: str | None = None) -> Executor:
     """The executor a study's config names: ``local`` (`workers` processes) or ``ray`` (at `address`)."""
     lookup(dict.fromkeys(EXECUTORS), name, "executor")

@@ -23,7 +23,7 @@ from qkit.evaluation import final_hidden, head_logits, metrics
 from qkit.plan import memory
 from qkit.plan.kv import check_context, make_cache
 from qkit.quant import methods, variants
-from qkit.studies import contract, plots
+from qkit.studies import cells, contract, plots
 from qkit.studies import task_sensitivity as sensitivity
 from qkit.studies.contract import Summary
 
@@ -134,9 +134,10 @@ def position_stats(model: Any, loaded: Any, docs: torch.Tensor, base_hidden: tor
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cells.Placement):
     """What the KV study runs: the schemes, the long documents their quality is measured on, and the
-    passkey retrieval items."""
+    passkey retrieval items. Each scheme whose position pass is missing from the store is a cell (see
+    :class:`qkit.studies.cells.Placement`) that also runs its retrieval items."""
 
     schemes: tuple[str, ...]
     n_tokens: int  # tokens per long document (the farthest position measured)
@@ -208,33 +209,61 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     scheme), and passkey retrieval by length and depth."""
     prof = config
     chosen = [get_scheme(n) for n in prof.schemes]
-    n_tokens, n_docs = prof.n_tokens, prof.n_docs
     store = store or Store()
     loaded = models.resolve_model(prof.model, store=store, trust_remote_code=prof.trust_remote_code)
-    shape = memory.shape_of(loaded)
-    check_context(shape, max(n_tokens, *prof.context_lengths))
-    calib = CalibSpec("prose", prof.calib_samples, min(prof.calib_seq_len, shape.max_context or prof.calib_seq_len))
-    docs = long_documents(loaded.tokenizer, n_tokens, n_docs)
-    doc_key = {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], "n_tokens": n_tokens,
-               "n_docs": n_docs, "docs": hashlib.sha256(docs.numpy().tobytes()).hexdigest()[:16]}
-    base_hidden = _baseline_hidden(loaded, docs, doc_key, store)
+    check_context(memory.shape_of(loaded), max(prof.n_tokens, *prof.context_lengths))
+    inputs = _inputs(prof, loaded, store)
+    todo = [s for s in chosen if store.lookup(KV_QUALITY, _quality_spec(loaded, s, inputs, prof, store)) is None]
+    cells.offload(prof, _scheme_cell, [(s.name, (prof, s.name)) for s in todo], model=prof.model, loaded=loaded,
+                  store=store, trust_remote_code=prof.trust_remote_code, desc="KV schemes")
     rows = []
     for scheme in tqdm(chosen, desc="KV schemes", unit="scheme"):
-        ident = (store.key(methods.CHECKPOINT, methods.checkpoint_spec(loaded, scheme.method, calib))
-                 if scheme.method else "float")
-        spec = {**doc_key, "scheme": scheme.name, "variant": ident, "unit_scales": scheme.unit_scales,
-                "cache": scheme.cache, "chunk": prof.chunk if scheme.cache else None, "block": BLOCK}
-        res = store.get_json(KV_QUALITY, spec, lambda s=scheme: position_stats(
-            load_scheme(loaded, s, calib, store), loaded, docs, base_hidden, s.cache, prof.chunk))
-        for d in range(n_docs):
+        res = _quality(loaded, scheme, inputs, prof, store)
+        for d in range(prof.n_docs):
             for b in range(len(res["kld"][d])):
                 rows.append({"scheme": scheme.name, "doc": d, "start": b * BLOCK,
                              **{k: res[k][d][b] for k in res}})
-    retrieval = _retrieval(loaded, chosen, prof, calib, store)
-    meta = {"model": loaded.info, "config": asdict(prof), "n_tokens": n_tokens, "n_docs": n_docs,
-            "calibration": calib.__dict__, "schemes": {s.name: s.title for s in chosen},
+    retrieval = _retrieval(loaded, chosen, prof, inputs.calib, store)
+    meta = {"model": loaded.info, "config": asdict(prof), "n_tokens": prof.n_tokens, "n_docs": prof.n_docs,
+            "calibration": inputs.calib.__dict__, "schemes": {s.name: s.title for s in chosen},
             "provenance": collect_provenance()}
     return Result(prof, pd.DataFrame(rows), retrieval, meta)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    calib: CalibSpec  # of the schemes whose checkpoint calibrates
+    docs: torch.Tensor  # [n_docs, n_tokens] token ids
+    doc_key: dict  # what identifies the documents (and the baseline's hidden states on them)
+    base_hidden: torch.Tensor
+
+
+def _inputs(prof: Config, loaded: Any, store: Store) -> _Inputs:
+    max_context = memory.shape_of(loaded).max_context
+    calib = CalibSpec("prose", prof.calib_samples, min(prof.calib_seq_len, max_context or prof.calib_seq_len))
+    docs = long_documents(loaded.tokenizer, prof.n_tokens, prof.n_docs)
+    doc_key = {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], "n_tokens": prof.n_tokens,
+               "n_docs": prof.n_docs, "docs": hashlib.sha256(docs.numpy().tobytes()).hexdigest()[:16]}
+    return _Inputs(calib, docs, doc_key, _baseline_hidden(loaded, docs, doc_key, store))
+
+
+def _quality_spec(loaded: Any, scheme: Scheme, inputs: _Inputs, prof: Config, store: Store) -> dict:
+    ident = (variants.method_identity(loaded, scheme.method, inputs.calib, store) if scheme.method else "float")
+    return {**inputs.doc_key, "scheme": scheme.name, "variant": ident, "unit_scales": scheme.unit_scales,
+            "cache": scheme.cache, "chunk": prof.chunk if scheme.cache else None, "block": BLOCK}
+
+
+def _quality(loaded: Any, scheme: Scheme, inputs: _Inputs, prof: Config, store: Store) -> dict:
+    return store.get_json(KV_QUALITY, _quality_spec(loaded, scheme, inputs, prof, store), lambda: position_stats(
+        load_scheme(loaded, scheme, inputs.calib, store), loaded, inputs.docs, inputs.base_hidden, scheme.cache,
+        prof.chunk))
+
+
+def _scheme_cell(prof: Config, name: str) -> None:
+    loaded, store = cells.worker()
+    inputs, scheme = _inputs(prof, loaded, store), get_scheme(name)
+    _quality(loaded, scheme, inputs, prof, store)
+    _retrieval(loaded, [scheme], prof, inputs.calib, store)
 
 
 def _baseline_hidden(loaded: Any, docs: torch.Tensor, doc_key: dict, store: Any) -> torch.Tensor:

@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 from qkit import data, models
 from qkit.core import provenance
 from qkit.core.errors import QkitError
-from qkit.core.store import Kind, Store, canonical, write_text_atomic
+from qkit.core.store import Kind, Store, write_text_atomic
 from qkit.data import CalibSpec
-from qkit.evaluation import TASK_PREFIX, EvalSpec, compare, metrics
+from qkit.evaluation import TASK_PREFIX, EvalSpec, baseline, compare, metrics
 from qkit.quant import methods, mixed, registry, variants
-from qkit.studies import contract, layer_figures, plots, quantization_methods
-from qkit.studies.contract import Summary
+from qkit.studies import cells, contract, quantization_methods
+from qkit.studies.layer_results import Result
 
 # One unit's comparison against the baseline (unit alone in a format, or all but the unit), the proxy's
 # per-module output errors, and the recipe file of a searched mix.
@@ -49,10 +49,11 @@ LAYER_MIX = Kind("layer_mix", 1)
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cells.Placement):
     """What the layer study runs. ``texts`` are eval texts (prose, chat, code, a data file) or a task's
     prompts (``task:NAME``); ``budgets`` are bits per weight of the decoder's Linear weights; the search
-    minimizes the KLD on each of ``targets`` (a subset of ``texts``) and measures each mix on every text."""
+    minimizes the KLD on each of ``targets`` (a subset of ``texts``) and measures each mix on every text.
+    The unit measurements missing from the store are cells (see :class:`qkit.studies.cells.Placement`)."""
 
     model: str = models.DEFAULT_MODEL
     format: str = "w4a16_rtn"
@@ -145,13 +146,16 @@ class Study:
             self._copy = mixed.float_copy(self.loaded.model)
         return self._copy
 
+    def measure_key(self, fmt: str, modules: Sequence[str], text: str, keep_float: bool = False) -> dict:
+        return {"model": self.loaded.info["fingerprint"], "dtype": self.loaded.info["dtype"],
+                "format": self.checkpoints[fmt].path.name, "modules": sorted(modules), "keep_float": keep_float,
+                "eval": self.config.eval_spec(text).key()}
+
     def measure(self, fmt: str, modules: Sequence[str], text: str, *, keep_float: bool = False) -> dict:
         """The comparison of the model with `modules` in `fmt` (or, with ``keep_float``, every other module
         in `fmt` and these in float), cached."""
         spec = self.config.eval_spec(text)
-        key = {"model": self.loaded.info["fingerprint"], "dtype": self.loaded.info["dtype"],
-               "format": self.checkpoints[fmt].path.name, "modules": sorted(modules), "keep_float": keep_float,
-               "eval": spec.key()}
+        key = self.measure_key(fmt, modules, text, keep_float)
 
         def run_it() -> dict:
             every, kept = self.weights(fmt), set(modules)
@@ -162,14 +166,30 @@ class Study:
 
         return self.store.get_json(LAYER_UNIT, key, run_it)
 
+    def jobs(self) -> list[tuple[str, tuple[str, ...], str, bool]]:
+        """Every (format, modules, text, keep_float) the scan, the reverse view and the search costs measure."""
+        c, model = self.config, self.loaded.model
+        scan_units, search_units = mixed.units(model, c.units), mixed.units(model, (c.search_units,))
+        out = [(c.format, scan_units[u], text, False) for text in c.texts for u in scan_units]
+        for kind in c.reverse:
+            rev = mixed.units(model, (kind,))
+            out += [(c.format, m, text, True) for text in c.texts for m in ((), *rev.values())]
+        out += [(fmt, search_units[u], text, False) for fmt in c.formats for text in c.targets for u in search_units]
+        return list(dict.fromkeys(out))
+
     def run(self) -> Result:
         c, model = self.config, self.loaded.model
+        todo = [job for job in self.jobs() if self.store.lookup(LAYER_UNIT, self.measure_key(*job)) is None]
+        cells.offload(c, _measure_cell, [(f"{fmt} {len(mods)} modules on {text}", (c, fmt, mods, text, keep))
+                                         for fmt, mods, text, keep in todo],
+                      model=c.model, loaded=self.loaded, store=self.store, desc="layer units",
+                      before=lambda: [baseline(self.loaded, c.eval_spec(text), self.store) for text in c.texts])
         scan_units = mixed.units(model, c.units)
         search_units = mixed.units(model, (c.search_units,))
         rows, reverse_rows, cost_rows = [], [], []
         jobs = [(text, u) for text in c.texts for u in scan_units]
         for text, unit in tqdm(jobs, desc=f"scan ({c.format})", unit="unit"):
-            rows.append({"text": text, "unit": unit, "kind": _kind(unit), "modules": len(scan_units[unit]),
+            rows.append({"text": text, "unit": unit, "kind": mixed.unit_kind(unit), "modules": len(scan_units[unit]),
                          **_row(self.measure(c.format, scan_units[unit], text), c.seed)})
         for kind in c.reverse:
             rev = mixed.units(model, (kind,))
@@ -277,8 +297,16 @@ class Study:
                 "text": text, "chunk_kld": raw["chunk_kld"]}
 
 
-def _kind(unit: str) -> str:
-    return "layer" if unit.startswith("layer ") else "type" if unit.startswith("type ") else "module"
+_STUDIES: dict[Config, Study] = {}
+
+
+def _measure_cell(config: Config, fmt: str, modules: tuple[str, ...], text: str, keep_float: bool) -> None:
+    # A worker keeps its study (dequantized weights, the float copy) for the next cell of the same run.
+    if config not in _STUDIES:
+        loaded, store = cells.worker()
+        _STUDIES.clear()
+        _STUDIES[config] = Study(config, loaded, store)
+    _STUDIES[config].measure(fmt, modules, text, keep_float=keep_float)
 
 
 def _row(result: dict, seed: int) -> dict:
@@ -288,148 +316,3 @@ def _row(result: dict, seed: int) -> dict:
     top1, t_lo, t_hi = metrics.mean_ci(result["chunk_top1"], seed=seed)
     return {"kld_mean": kld, "kld_low": lo, "kld_high": hi, "top1_pct": 100 * top1, "top1_low": 100 * t_lo,
             "top1_high": 100 * t_hi, "chunk_kld": result["chunk_kld"]}
-
-
-# ---------------------------------------------------------------- result
-
-
-@dataclass
-class Result:
-    config: Config
-    scan: pd.DataFrame  # one row per (text, unit): the unit alone in the format
-    reverse: pd.DataFrame  # one row per (text, unit): the KLD that keeping the unit in float saves
-    costs: pd.DataFrame  # one row per (format, target, search unit): the search's measured costs
-    proxy: pd.DataFrame  # one row per scan unit (and per module): the proxy's output error
-    sizes: pd.DataFrame  # bytes per search unit and format
-    mixes: pd.DataFrame  # one row per (target, budget): the chosen mix and its prediction
-    mix_rows: pd.DataFrame  # the mixes measured on every text, as methods-study rows
-    anchor_rows: pd.DataFrame  # the uniform methods on every text
-    meta: dict
-
-    def proxy_check(self) -> pd.DataFrame:
-        """Spearman's ρ of the proxy against the measured KLD over the scan's units, per text, with a
-        bootstrap CI over units."""
-        rows = []
-        for text, g in self.scan.groupby("text", sort=False):
-            merged = g.merge(self.proxy, on="unit")
-            rho, lo, hi = metrics.spearman_ci(merged["proxy"], merged["kld_mean"], seed=self.config.seed)
-            rows.append({"text": text, "units": len(merged), "spearman_rho": rho, "rho_low": lo, "rho_high": hi})
-        return pd.DataFrame(rows)
-
-    def additivity(self) -> pd.DataFrame:
-        """Each mix's predicted KLD (the sum of its units') against its measured KLD on its target text."""
-        if self.mix_rows.empty:
-            return pd.DataFrame()
-        r = self.mix_rows[self.mix_rows["text"] == self.mix_rows["target"]]
-        r = r.merge(self.mixes[["mix", "bits"]], on="mix")
-        out = r[["mix", "target", "budget", "bits", "predicted_kld", "kld_mean", "kld_mean_low",
-                 "kld_mean_high"]].copy()
-        out["error_pct"] = 100 * (out["predicted_kld"] - out["kld_mean"]) / out["kld_mean"]
-        out["within_ci"] = (out["predicted_kld"] >= out["kld_mean_low"]) & (out["predicted_kld"] <= out["kld_mean_high"])
-        return out.reset_index(drop=True)
-
-    def cross(self) -> pd.DataFrame:
-        """KLD of each mix on each text: a mix chosen on code, scored on prose, and the reverse."""
-        if self.mix_rows.empty:
-            return pd.DataFrame()
-        return self.mix_rows.pivot_table(index="mix", columns="text", values="kld_mean").round(4)
-
-    def pareto(self) -> pd.DataFrame:
-        """Size against KLD, per text: the uniform methods and the mixes."""
-        cols = ["method", "text", "bf16_run_mb", "kld_mean", "kld_mean_low", "kld_mean_high", "top1_pct"]
-        both = pd.concat([self.anchor_rows.assign(kind="uniform"), self.mix_rows.assign(kind="mix")])
-        return both.reindex(columns=["kind", *cols]).reset_index(drop=True)
-
-    def tables(self) -> dict[str, pd.DataFrame]:
-        scan = self.scan.drop(columns=["chunk_kld"]).round(5)
-        return {"scan": scan, "reverse": self.reverse.round(5), "proxy check": self.proxy_check().round(3),
-                "search costs": self.costs.drop(columns=["chunk_kld"], errors="ignore").round(5), "unit sizes": self.sizes,
-                "mixes": self.mixes.drop(columns=["assignment"], errors="ignore").round(4), "additivity": self.additivity().round(4),
-                "cross evaluation": self.cross(), "size against KLD": self.pareto().round(4)}
-
-    def findings(self) -> list[str]:
-        c, out = self.config, []
-        for text, g in self.scan.groupby("text", sort=False):
-            g = g.sort_values("kld_mean", ascending=False)
-            top = g.iloc[0]
-            rest = g.iloc[1:]
-            apart = rest[rest["kld_high"] < top["kld_low"]]
-            out.append(f"**{text}**: the most sensitive unit in {c.format} is {top['unit']} (KLD {top['kld_mean']:.3g} "
-                       f"[{top['kld_low']:.3g}, {top['kld_high']:.3g}]); its CI lies above {len(apart)} of the other "
-                       f"{len(rest)} units' CIs. The least sensitive: {g.iloc[-1]['unit']} ({g.iloc[-1]['kld_mean']:.3g}).")
-        for _, r in self.proxy_check().iterrows():
-            verdict = ("ranks the units well enough to prune a larger scan" if r["rho_low"] > 0.7 else
-                       "ranks them better than chance, not well enough to replace the measurement" if r["rho_low"] > 0
-                       else "does not rank them reliably")
-            out.append(f"The proxy (output error on calibration activations) against the measured KLD on {r['text']}: "
-                       f"Spearman ρ {r['spearman_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}] over "
-                       f"{r['units']} units: it {verdict}.")
-        add = self.additivity()
-        if len(add):
-            inside = int(add["within_ci"].sum())
-            out.append(f"Additivity: the summed unit KLDs predicted the mixes' measured KLD within "
-                       f"{add['error_pct'].abs().max():.0f}% (worst case); {inside} of {len(add)} predictions lie "
-                       "inside the measured 95% CI.")
-        out += self._against_uniform()
-        return out
-
-    def _against_uniform(self) -> list[str]:
-        """Each uniform method against the mix closest to it in size, from the paired CI over chunks."""
-        out = []
-        if self.mix_rows.empty or self.anchor_rows.empty:
-            return out
-        mixes = self.mix_rows[self.mix_rows["text"] == self.mix_rows["target"]]
-        for _, a in self.anchor_rows.iterrows():
-            near = mixes[mixes["text"] == a["text"]]
-            if near.empty:
-                continue
-            m = near.loc[(near["bf16_run_mb"] - a["bf16_run_mb"]).abs().idxmin()]
-            diff, lo, hi = metrics.mean_ci(m["chunk_kld"], paired_with=a["chunk_kld"], seed=self.config.seed)
-            word = "lower KLD than" if hi < 0 else "higher KLD than" if lo > 0 else "no resolved difference from"
-            out.append(f"On {a['text']}, the mix closest in size to {a['method']} ({a['bf16_run_mb']:.3g} MB), "
-                       f"{m['mix']} ({m['bf16_run_mb']:.3g} MB), has {word} it: KLD difference {diff:+.3g} "
-                       f"[{lo:+.3g}, {hi:+.3g}].")
-        return out
-
-    def figures(self) -> plots.Figures:
-        texts = list(dict.fromkeys(self.scan["text"]))
-        return plots.Figures({
-            "layer x module type": lambda: layer_figures.layer_heatmaps(self._module_grid(), self.config.format),
-            "sensitivity by layer": lambda: layer_figures.unit_curves(self.scan[self.scan["kind"] == "layer"], texts),
-            "sensitivity by module type": lambda: layer_figures.unit_bars(self.scan[self.scan["kind"] == "type"], texts),
-            "proxy against measured": lambda: layer_figures.proxy_scatter(self.scan.merge(self.proxy, on="unit")),
-            "size against KLD": lambda: layer_figures.pareto(self.pareto()),
-        })
-
-    def _module_grid(self) -> dict[str, pd.DataFrame]:
-        """Layer x module type grids: measured per module where the scan has modules, else the proxy."""
-        modules = self.scan[self.scan["kind"] == "module"]
-        grids = {}
-        source = ({t: g.set_index("unit")["kld_mean"] for t, g in modules.groupby("text", sort=False)} if len(modules)
-                  else {"proxy (output error)": self.proxy.set_index("unit")["proxy"]})
-        for label, values in source.items():
-            rows = [{"layer": mixed.layer_of(u), "type": mixed.module_type(u), "value": v}
-                    for u, v in values.items() if _kind(u) == "module"]
-            grids[label] = pd.DataFrame(rows).pivot(index="layer", columns="type", values="value")
-        return grids
-
-    def provenance(self) -> pd.DataFrame:
-        p = self.meta["provenance"]
-        return pd.DataFrame([{"model": self.meta["model"]["spec"], "fingerprint": self.meta["model"]["fingerprint"],
-                              "format": self.config.format, "formats": ", ".join(self.config.formats),
-                              "texts": ", ".join(self.config.texts), "eval tokens": self.config.eval_tokens,
-                              "calibration (proxy)": f"{self.config.calib} {self.config.samples}x{self.config.seq_len}",
-                              "calibration sha256": (self.meta["calibration"] or {}).get("sha256", "-"),
-                              "seed": self.config.seed, "git": p.get("git_commit"),
-                              "hardware": canonical(p.get("hardware", {})),
-                              "libraries": canonical(p.get("libraries", {}))}])
-
-    def summary(self) -> Summary:
-        prose = self.scan[self.scan["text"] == self.scan["text"].iloc[0]].sort_values("kld_mean", ascending=False)
-        add = self.additivity()
-        best = add.sort_values("kld_mean").iloc[0] if len(add) else None
-        headline = (f"most sensitive in {self.config.format}: {prose.iloc[0]['unit']} on {prose.iloc[0]['text']}"
-                    + (f"; best mix {best['mix']} KLD {best['kld_mean']:.3g} (predicted {best['predicted_kld']:.3g})"
-                       if best is not None else ""))
-        return Summary("layer sensitivity", headline, best["mix"] if best is not None else None, "ok",
-                       "size against KLD")

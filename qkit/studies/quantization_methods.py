@@ -101,14 +101,11 @@ def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cells.Placement):
     """What the methods study runs: the model, the methods (None: every study method), the calibration set
     of the methods that calibrate, and the held-out text every checkpoint is evaluated on. Each method
-    missing from the store is a cell: with ``executor`` ``local``, run in ``workers`` processes (None:
-    :func:`qkit.studies.cells.default_workers`; 1: one after another here); with ``ray``, a Ray task (at
-    ``ray_address``; None: a local instance) asking for :func:`qkit.studies.cells.quantization_resources`
-    with ``cell_resources`` over them. Checkpoints made elsewhere are evaluated here, where their paths
-    are."""
+    missing from the store is a cell (see :class:`qkit.studies.cells.Placement`); checkpoints made
+    elsewhere are evaluated here, where their paths are."""
 
     model: str = models.DEFAULT_MODEL
     methods: tuple[str, ...] | None = None
@@ -119,10 +116,6 @@ class Config:
     eval_tokens: int = 8192
     ctx: int = 512
     seed: int = 0
-    executor: str = "local"
-    workers: int | None = None
-    ray_address: str | None = None
-    cell_resources: tuple[tuple[str, float], ...] = ()
 
     @property
     def calib_spec(self) -> CalibSpec:
@@ -159,14 +152,9 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     calib, eval_spec = config.calib_spec, config.eval_spec
     loaded = models.resolve_model(config.model, store=store)
     todo = [n for n in names if variants.is_method(n) and not _evaluated(loaded, n, calib, eval_spec, store)]
-    failed: dict[str, BaseException] = {}
-    if todo and (ex := cells.executor(config.executor, workers=config.workers,
-                                      address=config.ray_address)).offloads(len(todo)):
-        baseline(loaded, eval_spec, store)  # once, here, rather than by every worker
-        needs = cells.quantization_resources(loaded.info["n_params"], config.cell_resources)
-        failed = ex.run(_method_cell, [cells.Cell(n, (n, calib, eval_spec, config.seed), needs) for n in todo],
-                        init=cells.model_worker, init_args=(config.model, str(store.root)), desc="methods",
-                        keep_going=True)
+    failed = cells.offload(config, _method_cell, [(n, (n, calib, eval_spec, config.seed)) for n in todo],
+                           model=config.model, loaded=loaded, store=store,
+                           before=lambda: baseline(loaded, eval_spec, store), desc="methods", keep_going=True)
     rows = []
     for name in tqdm(names, desc="methods", unit="method"):
         try:

@@ -45,11 +45,12 @@ DEFAULT_METHODS = ("fp8_dynamic", "w8a8_int8", "w4a16_gptq", "w4a16_awq")
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(cells.Placement):
     """What the task study runs: the model and methods, the tasks (None: all; names or families), and how
     much of each. Items are spread evenly over a task (every k-th), so that a cap still covers all of
     BIG-bench's digit counts and operations. ``max_items`` is the profile's cap per task; ``limit``, when
-    set, is a number of items the user asked for, which must exist."""
+    set, is a number of items the user asked for, which must exist. The baseline and each registry method
+    whose results are missing are cells (see :class:`qkit.studies.cells.Placement`)."""
 
     max_items: int | None  # items per task at most; None = all
     context_lengths: tuple[int, ...]  # passkey
@@ -71,11 +72,6 @@ class Config:
     seq_len: int = 512
     seed: int = 0  # of the calibration set and of the bootstrap
     trust_remote_code: bool = False
-    # Where the baseline's and each method's cells run, as in the methods study.
-    executor: str = "local"
-    workers: int | None = None
-    ray_address: str | None = None
-    cell_resources: tuple[tuple[str, float], ...] = ()
 
     @property
     def calib_spec(self) -> CalibSpec:
@@ -257,12 +253,8 @@ def _run_cells(config: Config, loaded: models.LoadedModel, specs: Sequence[str],
                    and (spec == BASELINE or store.lookup(TASK_KLD, _kld_spec(loaded, task, identity, config)[1]))
                    for task, ids, _ in plan)
 
-    todo = [s for s in specs if not scored(s)]
-    if todo and (ex := cells.executor(config.executor, workers=config.workers,
-                                      address=config.ray_address)).offloads(len(todo)):
-        needs = cells.quantization_resources(loaded.info["n_params"], config.cell_resources)
-        ex.run(_variant_cell, [cells.Cell(s, (config, s), needs) for s in todo], init=cells.model_worker,
-               init_args=(config.model, str(store.root), config.trust_remote_code), desc="task sensitivity")
+    cells.offload(config, _variant_cell, [(s, (config, s)) for s in specs if not scored(s)], model=config.model,
+                  loaded=loaded, store=store, trust_remote_code=config.trust_remote_code, desc="task sensitivity")
 
 
 def _variant_cell(config: Config, spec: str) -> None:
