@@ -80,6 +80,18 @@ def test_grid_configs_run_along_three_axes_through_the_center() -> None:
     assert len(got) == len(set(got))  # the center is not repeated
 
 
+def test_the_quick_curves_span_32x_in_samples_and_8x_in_length_for_gptq_only() -> None:
+    g = C.PROFILES["quick"]
+    curve = [c for c in g.configs("w4a16_gptq") if c.name == g.curve_source and c.seed == 0]
+    assert max(c.n_samples for c in curve) / min(c.n_samples for c in curve) >= 32
+    assert max(c.seq_len for c in curve) / min(c.seq_len for c in curve) >= 8
+    n0, len0 = g.center
+    assert {(c.name, c.n_samples, c.seq_len) for c in g.configs("w4a16_awq")} == {(s, n0, len0) for s in g.sources}
+    # a curve method the user left out of the methods: the curves run for the methods chosen
+    awq_only = C.config("quick", methods=["w4a16_awq"])
+    assert awq_only.configs("w4a16_awq") == awq_only.configs()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"sources": ["prose", "webtext"]}, "unknown calibration set 'webtext'"),
     ({"methods": ["fp8_dynamic", "w4a16_rtn"]}, "none of fp8_dynamic, w4a16_rtn uses calibration data"),

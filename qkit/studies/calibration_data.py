@@ -22,9 +22,10 @@ from qkit.studies.contract import Summary
 
 @dataclass(frozen=True)
 class Config(cells.Placement):
-    """A sweep along three axes through one center point, each point at every seed and method:
-    sources at ``center`` (samples, seq_len); sample counts and sequence lengths for ``curve_source``.
-    Each checkpoint missing from the store is a cell (see :class:`qkit.studies.cells.Placement`)."""
+    """A sweep along three axes through one center point, each point at every seed: sources at ``center``
+    (samples, seq_len) for every method; sample counts and sequence lengths for ``curve_source``, for those
+    of ``curve_methods`` that are among the methods (every method when none is, or None). Each checkpoint
+    missing from the store is a cell (see :class:`qkit.studies.cells.Placement`)."""
 
     methods: tuple[str, ...]
     sources: tuple[str, ...]
@@ -33,6 +34,7 @@ class Config(cells.Placement):
     seeds: tuple[int, ...]
     center: tuple[int, int]
     curve_source: str = "prose"
+    curve_methods: tuple[str, ...] | None = None
     # Held-out texts every checkpoint is evaluated on: built-in domains or the user's files.
     eval_texts: tuple[str, ...] = data.EVAL_DOMAINS
     eval_tokens: int = 4096
@@ -40,22 +42,27 @@ class Config(cells.Placement):
     model: str = models.DEFAULT_MODEL
     trust_remote_code: bool = False
 
-    def configs(self) -> list[data.CalibSpec]:
-        """The calibration sets to quantize with, each once, in a fixed order."""
+    def configs(self, method: str | None = None) -> list[data.CalibSpec]:
+        """The calibration sets to quantize `method` with (None: every method's), each once, in a fixed
+        order."""
         n0, len0 = self.center
-        points = ([(s, n0, len0) for s in self.sources] + [(self.curve_source, n, len0) for n in self.samples]
-                  + [(self.curve_source, n0, length) for length in self.seq_lens])
+        points = [(s, n0, len0) for s in self.sources]
+        curved = set(self.curve_methods or ()) & set(self.methods) or set(self.methods)
+        if method is None or method in curved:
+            points += ([(self.curve_source, n, len0) for n in self.samples]
+                       + [(self.curve_source, n0, length) for length in self.seq_lens])
         return [data.CalibSpec(s, n, length, seed) for s, n, length in dict.fromkeys(points) for seed in self.seeds]
 
 
 PROFILES = {
-    # GPTQ and AWQ, tiny sets, two seeds, 512 held-out tokens per domain. Cold on SmolLM2 with 2 idle cores
-    # and 2 workers: 14 min 11 s, of which oneshot ~10 min and evaluation ~4 s a domain per checkpoint.
-    # Measured per run there (one thread): GPTQ ~50 s whatever the set's size (a per-column loop over 30
-    # layers); AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128). So the
-    # curves step down from the center, where they are cheap; `full` steps up.
+    # GPTQ and AWQ on three sources at 4 x 128, two seeds, 512 held-out tokens per domain; the curves
+    # (GPTQ only) span 32x in samples (4 -> 128) and 8x in length (64 -> 512). Measured per run on SmolLM2
+    # (one thread): GPTQ ~50 s whatever the set's size at these sizes (a per-column loop over 30 layers);
+    # AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128), too dear for a
+    # 32x curve on a CPU, so its sources are measured and its curves left to `full`.
     "quick": Config(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code"),
-                  samples=(2, 4), seq_lens=(64, 128), seeds=(0, 1), center=(4, 128), eval_tokens=512, ctx=256),
+                  samples=(4, 16, 128), seq_lens=(64, 128, 512), seeds=(0, 1), center=(4, 128),
+                  curve_methods=("w4a16_gptq",), eval_tokens=512, ctx=256),
     # The issue's grid: for a GPU or a long night.
     "full": Config(methods=("w4a16_gptq", "w4a16_awq", "w8a8_int8", "fp8_static"),
                  sources=("prose", "chat", "code", "random", "mixed"), samples=(8, 32, 128, 512),
@@ -106,7 +113,7 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     sets = {s: diagnostics.inspect(s, n0, len0, tokenizer=loaded.tokenizer, methods=config.methods,
                                    eval_texts=config.eval_texts) for s in config.sources}
     evals = [EvalSpec(domain=d, n_tokens=config.eval_tokens, ctx=config.ctx) for d in config.eval_texts]
-    all_cells = [(m, c) for m in config.methods for c in config.configs() if registry.get_method(m).needs_calibration]
+    all_cells = [(m, c) for m in config.methods for c in config.configs(m) if registry.get_method(m).needs_calibration]
     missing = [(m, c) for m, c in all_cells if any(
         store.lookup(studies.EVALUATION, studies.evaluation_spec(store.key(methods.CHECKPOINT, methods.checkpoint_spec(
             loaded, m, c)), e)) is None for e in evals)]
