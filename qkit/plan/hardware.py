@@ -106,6 +106,22 @@ def _ram_gb() -> float | None:
         return None
 
 
+def available_ram_bytes() -> int | None:
+    """Host memory a new process could take now without swapping (Linux's MemAvailable, which counts
+    reclaimable page cache; elsewhere the free pages), or None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def detect() -> Device:
     """This machine: the first CUDA GPU (name, capability and memory from torch), else Apple Silicon
     (MPS, with unified memory = RAM), else the CPU with its RAM."""

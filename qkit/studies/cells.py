@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from qkit import models
 from qkit.core.errors import QkitError, lookup
 from qkit.core.store import Store
-from qkit.plan import memory
+from qkit.plan import hardware, memory
 
 EXECUTORS = ("local", "ray")
 # Ray tasks whose worker died (a node lost, a process killed) run again this many times; a cell that raised
@@ -104,6 +104,14 @@ def default_workers() -> int:
     kept their single-process speed: two workers halve a sweep's time. Each holds a model copy (~1.5 GB
     peak on SmolLM2), hence the cap. With an accelerator, one process owns it."""
     return 1 if torch.accelerator.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
+def memory_workers(needs: Resources) -> int:
+    """:func:`default_workers`, fewer where the memory available now holds fewer cells of `needs` (each
+    worker loads its own model copy beside the study's): 1 means the cells run in the study's own process."""
+    available = hardware.available_ram_bytes()
+    fit = default_workers() if not needs.memory or available is None else int(available // needs.memory)
+    return max(1, min(default_workers(), fit))
 
 
 class LocalExecutor:
@@ -278,12 +286,15 @@ def offload(place: Placement, fn: Callable[..., Any], todo: Sequence[tuple[str, 
     Returns the failures by label, with `keep_going` (see :meth:`Executor.run`)."""
     if not todo:
         return {}
-    ex = executor(place.executor, workers=place.workers, address=place.ray_address)
+    needs = quantization_resources(loaded.info["n_params"], place.cell_resources)
+    workers = place.workers
+    if place.executor == "local" and workers is None:
+        workers = memory_workers(needs)
+    ex = executor(place.executor, workers=workers, address=place.ray_address)
     if not ex.offloads(len(todo)):
         return {}
     if before is not None:
         before()
-    needs = quantization_resources(loaded.info["n_params"], place.cell_resources)
     return ex.run(fn, [Cell(label, args, needs) for label, args in todo], init=model_worker,
                   init_args=(model, str(store.root), trust_remote_code), desc=desc, keep_going=keep_going)
 
