@@ -223,3 +223,12 @@ def test_cells_in_worker_processes_give_the_same_items_and_a_warm_rerun_starts_n
     monkeypatch.setattr(cells.LocalExecutor, "run", no_workers)
     again = S.run(S.config(config, workers=2), store=pooled_store)
     pd.testing.assert_frame_equal(again.items, pooled.items)
+
+
+def test_flip_examples_of_a_likelihood_task_show_no_generation() -> None:
+    """HellaSwag is scored by likelihood: its items have no output, None or NaN once in a frame (the
+    default model's quick run on SmolLM2 failed here on a NaN)."""
+    res = _result({("baseline", "qkit_hellaswag"): [1, 0], ("m", "qkit_hellaswag"): [0, 0]})
+    res.items["output"] = [None, float("nan"), None, float("nan")]
+    ex = S.flip_examples(res)
+    assert list(ex["item"]) == ["0"] and (ex["baseline output"] == "").all() and (ex["quantized output"] == "").all()

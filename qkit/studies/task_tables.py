@@ -228,5 +228,11 @@ def flip_examples(res: Result, n: int = 6) -> pd.DataFrame:
             if (b["score"] > 0.5) != (r["score"] > 0.5):
                 rows.append({"method": method, "task": task_name, "item": r["id"],
                              "flip": "correct → wrong" if b["score"] > 0.5 else "wrong → correct",
-                             "baseline output": (b["output"] or "")[:160], "quantized output": (r["output"] or "")[:160]})
+                             "baseline output": _text(b["output"]), "quantized output": _text(r["output"])})
     return pd.DataFrame(rows).head(n)
+
+
+def _text(output: Any) -> str:
+    # A task scored by likelihood (HellaSwag, TruthfulQA) generates nothing: its output is None, or NaN
+    # once pandas has held it.
+    return output[:160] if isinstance(output, str) else ""
