@@ -202,7 +202,15 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     return Result(config, df.drop(columns="seconds", errors="ignore"), pd.DataFrame(kld_rows), meta)
 
 
-Plan = list[tuple[tasks.Task, list[str], dict[str, int]]]  # (task, the item ids run, id -> index)
+@dataclass(frozen=True)
+class _TaskPlan:
+    task: tasks.Task
+    ids: list[str]  # the items run
+    index_of: dict[str, int]  # item id -> its index in the task's items
+    kld: EvalSpec  # the KLD on the task's prompts (a user's task's prompts tokenized once, here)
+
+
+Plan = list[_TaskPlan]
 
 
 def _plan(config: Config, loaded: models.LoadedModel, chosen: Sequence[tasks.Task]) -> Plan:
@@ -213,7 +221,8 @@ def _plan(config: Config, loaded: models.LoadedModel, chosen: Sequence[tasks.Tas
         cap = dict(config.task_limits).get(task.name, config.max_items)
         n = (tasks.check_limit(task, config.limit, len(docs)) if config.limit is not None
              else min(cap or len(docs), len(docs)))
-        plan.append((task, [docs[i]["id"] for i in spread(len(docs), n)], {d["id"]: i for i, d in enumerate(docs)}))
+        plan.append(_TaskPlan(task, [docs[i]["id"] for i in spread(len(docs), n)],
+                              {d["id"]: i for i, d in enumerate(docs)}, _kld_eval_spec(loaded, task, config)))
     return plan
 
 
@@ -228,7 +237,9 @@ def _score_variant(loaded: models.LoadedModel, variant: variants.Variant, plan: 
     """One variant's item rows on every task of `plan` (computed where the store lacks them) and, unless it is
     the baseline, its KLD rows. Each item keeps the seconds its batch took where it was computed."""
     rows, kld_rows = [], []
-    for task, ids, index_of in tqdm(plan, desc=variant.label, unit="task", leave=False):
+    for p in tqdm(plan, desc=variant.label, unit="task", leave=False):
+        task, index_of = p.task, p.index_of
+
         def compute(part: list[str], task=task, index_of=index_of) -> dict[str, dict]:
             started = time.perf_counter()
             records, _ = tasks.evaluate(variant.model, loaded.tokenizer, task, [index_of[i] for i in part],
@@ -237,7 +248,7 @@ def _score_variant(loaded: models.LoadedModel, variant: variants.Variant, plan: 
             each = (time.perf_counter() - started) / len(part)
             return {r["id"]: {**r, "seconds": each} for r in records}
 
-        done = store.get_items(tasks.TASK_ITEMS, _items_spec(loaded, variant.identity, task, prof), ids, compute,
+        done = store.get_items(tasks.TASK_ITEMS, _items_spec(loaded, variant.identity, task, prof), p.ids, compute,
                                batch=max(prof.batch_size, 16))
         # Items computed before qkit timed them have no seconds.
         rows += [{"method": variant.label, "task": task.name, "family": task.family, "id": i,
@@ -245,7 +256,7 @@ def _score_variant(loaded: models.LoadedModel, variant: variants.Variant, plan: 
                   "seconds": r.get("seconds", np.nan)} for i, r in done.items()]
         if variant.label != BASELINE:
             kld_rows.append({"method": variant.label, "task": task.name,
-                             **_task_kld(loaded, task, variant, prof, store)})
+                             **_task_kld(loaded, p, variant, store)})
     return rows, kld_rows
 
 
@@ -254,9 +265,9 @@ def _run_cells(config: Config, loaded: models.LoadedModel, specs: Sequence[str],
     store lacks; a rerun with everything cached starts no process."""
     def scored(spec: str) -> bool:
         identity = "float" if spec == BASELINE else variants.method_identity(loaded, spec, config.calib_spec, store)
-        return all(store.has_items(tasks.TASK_ITEMS, _items_spec(loaded, identity, task, config), ids)
-                   and (spec == BASELINE or store.lookup(TASK_KLD, _kld_spec(loaded, task, identity, config)[1]))
-                   for task, ids, _ in plan)
+        return all(store.has_items(tasks.TASK_ITEMS, _items_spec(loaded, identity, p.task, config), p.ids)
+                   and (spec == BASELINE or store.lookup(TASK_KLD, _kld_key(p, identity)))
+                   for p in plan)
 
     cells.offload(config, _variant_cell, [(s, (config, s)) for s in specs if not scored(s)], model=config.model,
                   loaded=loaded, store=store, trust_remote_code=config.trust_remote_code, desc="task sensitivity")
@@ -270,23 +281,25 @@ def _variant_cell(config: Config, spec: str) -> None:
     _score_variant(loaded, variant, _plan(config, loaded, tasks.resolve(config.tasks)), config, store)
 
 
-def _kld_spec(loaded: models.LoadedModel, task: tasks.Task, identity: str, prof: Config) -> tuple[EvalSpec, dict]:
-    """The evaluation spec of a variant's KLD on a task's prompts, and its store key."""
+def _kld_eval_spec(loaded: models.LoadedModel, task: tasks.Task, prof: Config) -> EvalSpec:
+    """The evaluation spec of a variant's KLD on a task's prompts."""
     prompts = tasks.get_task(task.prompts_of or task.name)
     n_tokens = prof.kld_tokens
     if prompts.include_path != tasks.TASK_DIR:  # a user's task may hold fewer prompt tokens than asked for
         held = len(data.text_tokens(tasks.prompts(prompts, loaded.tokenizer, loaded.info["max_length"]),
                                     loaded.tokenizer, None))
         n_tokens = min(n_tokens, held - held % min(512, n_tokens, held))
-    spec = EvalSpec(domain=TASK_PREFIX + prompts.name, n_tokens=n_tokens, ctx=min(512, n_tokens), batch_size=4)
-    return spec, {"variant": identity, "eval": spec.key(), "yaml": tasks.fingerprint(prompts),
-                  "items": tasks.TASK_ITEMS.version}  # the prompts come from the items' code
+    return EvalSpec(domain=TASK_PREFIX + prompts.name, n_tokens=n_tokens, ctx=min(512, n_tokens), batch_size=4)
 
 
-def _task_kld(loaded: models.LoadedModel, task: tasks.Task, variant: variants.Variant, prof: Config, store: Store
-              ) -> dict:
-    spec, key = _kld_spec(loaded, task, variant.identity, prof)
-    result = store.get_json(TASK_KLD, key,
-                            lambda: compare(variant.model, loaded, spec, store, label=f"KLD {task.name}"))
+def _kld_key(p: _TaskPlan, identity: str) -> dict:
+    prompts = tasks.get_task(p.task.prompts_of or p.task.name)
+    return {"variant": identity, "eval": p.kld.key(), "yaml": tasks.fingerprint(prompts),
+            "items": tasks.TASK_ITEMS.version}  # the prompts come from the items' code
+
+
+def _task_kld(loaded: models.LoadedModel, p: _TaskPlan, variant: variants.Variant, store: Store) -> dict:
+    result = store.get_json(TASK_KLD, _kld_key(p, variant.identity),
+                            lambda: compare(variant.model, loaded, p.kld, store, label=f"KLD {p.task.name}"))
     return {"kld_mean": result["kld_mean"], "top1_agreement_pct": result["top1_agreement_pct"],
             "kld_tokens": result["n_tokens"]}
