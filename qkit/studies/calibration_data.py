@@ -14,7 +14,7 @@ from qkit.core.errors import QkitError
 from qkit.core.store import Store
 from qkit.data import diagnostics
 from qkit.evaluation import EvalSpec
-from qkit.quant import methods, registry, variants
+from qkit.quant import registry, variants
 from qkit.studies import cells, contract, plots
 from qkit.studies import quantization_methods as studies
 from qkit.studies.contract import Summary
@@ -56,10 +56,11 @@ class Config(cells.Placement):
 
 PROFILES = {
     # GPTQ and AWQ on three sources at 4 x 128, two seeds, 512 held-out tokens per domain; the curves
-    # (GPTQ only) span 32x in samples (4 -> 128) and 8x in length (64 -> 512). Measured per run on SmolLM2
-    # (one thread): GPTQ ~50 s whatever the set's size at these sizes (a per-column loop over 30 layers);
-    # AWQ ~20 s + 0.15 s per calibration token (95 s at 4 x 128, 330 s at 16 x 128), too dear for a
-    # 32x curve on a CPU, so its sources are measured and its curves left to `full`.
+    # (GPTQ only) span 32x in samples (4 -> 128) and 8x in length (64 -> 512). Cold on SmolLM2 with 2 idle
+    # cores and 2 workers: 9 min 41 s. Measured per run there (one thread): GPTQ 19 s at 4 x 64, 20 s at
+    # 4 x 128, 33 s at 4 x 512, 34 s at 16 x 128, 157 s at 128 x 128; AWQ 47 s at 4 x 128 and, measured
+    # before, ~0.15 s more per calibration token (330 s at 16 x 128): too dear for a 32x curve on a CPU,
+    # so its sources are measured and its curves left to `full`.
     "quick": Config(methods=("w4a16_gptq", "w4a16_awq"), sources=("prose", "chat", "code"),
                   samples=(4, 16, 128), seq_lens=(64, 128, 512), seeds=(0, 1), center=(4, 128),
                   curve_methods=("w4a16_gptq",), eval_tokens=512, ctx=256),
@@ -114,9 +115,7 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
                                    eval_texts=config.eval_texts) for s in config.sources}
     evals = [EvalSpec(domain=d, n_tokens=config.eval_tokens, ctx=config.ctx) for d in config.eval_texts]
     all_cells = [(m, c) for m in config.methods for c in config.configs(m) if registry.get_method(m).needs_calibration]
-    missing = [(m, c) for m, c in all_cells if any(
-        store.lookup(studies.EVALUATION, studies.evaluation_spec(store.key(methods.CHECKPOINT, methods.checkpoint_spec(
-            loaded, m, c)), e)) is None for e in evals)]
+    missing = [(m, c) for m, c in all_cells if not all(studies.evaluated(loaded, m, c, e, store) for e in evals)]
     cells.offload(config, _worker_cell, [(f"{m} with {c.name} {c.n_samples} x {c.seq_len} seed {c.seed}",
                                           (m, c, evals)) for m, c in missing],
                   model=config.model, loaded=loaded, store=store, trust_remote_code=config.trust_remote_code,

@@ -17,7 +17,7 @@ from qkit.core.errors import QkitError
 from qkit.core.store import MANIFEST, Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec, baseline, compare, metrics
-from qkit.quant import artifacts, formats, methods, registry, variants
+from qkit.quant import artifacts, formats, registry, variants
 from qkit.studies import cells, contract, plots
 from qkit.studies.contract import Summary
 
@@ -151,7 +151,7 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     data.check_disjoint(config.calib, config.eval_text)
     calib, eval_spec = config.calib_spec, config.eval_spec
     loaded = models.resolve_model(config.model, store=store)
-    todo = [n for n in names if variants.is_method(n) and not _evaluated(loaded, n, calib, eval_spec, store)]
+    todo = [n for n in names if variants.is_method(n) and not evaluated(loaded, n, calib, eval_spec, store)]
     failed = cells.offload(config, _method_cell, [(n, (n, calib, eval_spec, config.seed)) for n in todo],
                            model=config.model, loaded=loaded, store=store,
                            before=lambda: baseline(loaded, eval_spec, store), desc="methods", keep_going=True)
@@ -172,8 +172,9 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     return Result(config, df)
 
 
-def _evaluated(loaded: models.LoadedModel, name: str, calib: CalibSpec, eval_spec: EvalSpec, store: Store) -> bool:
-    key = store.key(methods.CHECKPOINT, methods.checkpoint_spec(loaded, name, calib))
+def evaluated(loaded: models.LoadedModel, name: str, calib: CalibSpec, eval_spec: EvalSpec, store: Store) -> bool:
+    """Whether the store holds method `name`'s evaluation on `eval_spec`, known without building anything."""
+    key = variants.method_identity(loaded, name, calib, store)
     return store.lookup(EVALUATION, evaluation_spec(key, eval_spec)) is not None
 
 
