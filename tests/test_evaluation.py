@@ -223,3 +223,18 @@ def test_cached_baseline_kld_is_exact_on_default_model(tmp_path):
     assert summary["kld_mean"] == pytest.approx(exact.mean().item(), abs=1e-5)
     assert summary["kld_max"] == pytest.approx(exact.max().item(), abs=1e-5)
     np.testing.assert_allclose(summary["chunk_kld"], exact.view(2, 511).mean(1).numpy(), rtol=0, atol=1e-5)
+
+
+def test_compare_in_row_blocks_that_split_batches_gives_the_same_numbers(tiny, perturbed, tmp_path, monkeypatch):
+    whole = E.compare(perturbed, tiny, SPEC, Store(tmp_path))  # 381 rows per batch of 3: two blocks of 256
+    monkeypatch.setattr(E.teacher_forced, "_HEAD_ROWS", 7)
+    split = E.compare(perturbed, tiny, SPEC, Store(tmp_path))
+    for key in ("kld_mean", "ppl_quant", "ppl_base", "top1_agreement_pct", "mean_dp_pct", "chunk_kld", "chunk_nll"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_model_under_test_whose_logits_cannot_be_rebuilt_is_refused(tiny, tmp_path):
+    model = copy.deepcopy(tiny.model)
+    model.config.final_logit_softcapping = 2.0
+    with pytest.raises(QkitError, match=r"cannot rebuild this model.s logits from its hidden states \(capped"):
+        E.compare(model, tiny, SPEC, Store(tmp_path), label="capped")
