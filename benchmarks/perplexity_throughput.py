@@ -5,10 +5,10 @@ same torch thread setting, in one run; lm-eval runs at each of `--lm-eval-batche
 with lm-eval's best. qkit's side is its full per-method evaluation: perplexity plus exact KL divergence,
 top-1 agreement and Δp against the cached baseline, which is strictly more work than lm-eval's
 log-likelihoods. Beside it the script prints the float forward alone (full logits, as the comparison
-runs it) and the machine's fp32 matmul peak, with the fraction of that peak the forward reaches. Targets: qkit ≥ 1.5× lm-eval's best tokens/s; the forward
+runs it) and the machine's matmul peak in the model's dtype, with the fraction of that peak the forward reaches. Targets: qkit ≥ 1.5× lm-eval's best tokens/s; the forward
 ≥ 50% of the matmul peak.
 
-    python benchmarks/perplexity_throughput.py [--model smollm2-135m] [--tokens 8192] [--ctx 512]
+    python benchmarks/perplexity_throughput.py [--model smollm2-135m] [--tokens 8192] [--ctx 512] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def lm_eval_rolling(loaded: models.LoadedModel, text: str, ctx: int, batch_size:
     return seconds, n_tokens, math.exp(-loglik / n_tokens)
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of the best of `repeats` n×n×n matmuls, with the current torch threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` n×n×n matmuls in `dtype`, with the current torch threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = math.inf
     for _ in range(repeats):
@@ -73,22 +73,24 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--dtype", default="float32", help="the model's dtype, on both sides (bfloat16 where the CPU "
+                    "has native bf16 matmul)")
     ap.add_argument("--batch-size", type=int, default=4, help="qkit's batch size")
     ap.add_argument("--lm-eval-batches", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; each figure is their median")
     args = ap.parse_args()
-    loaded = models.resolve_model(args.model)
+    loaded = models.resolve_model(args.model, dtype=args.dtype)
     spec = EvalSpec(n_tokens=args.tokens, ctx=args.ctx, batch_size=args.batch_size)
     baseline(loaded, spec)  # cached once per (model, text), as in every study; not timed
     chunks = eval_chunks(loaded, spec)
     text = loaded.tokenizer.decode(chunks.flatten())
-    print(f"{args.model}: {args.tokens} tokens of held-out prose, windows of {args.ctx}, "
+    print(f"{args.model} ({args.dtype}): {args.tokens} tokens of held-out prose, windows of {args.ctx}, "
           f"{torch.get_num_threads()} torch threads; load average before: {open('/proc/loadavg').read().strip()}")
 
     runs: dict[str, list[float]] = {}  # tokens/s per round
     peaks, ppl = [], {}
     for _ in range(args.repeats):
-        peaks.append(matmul_peak())
+        peaks.append(matmul_peak(loaded.model.dtype))
         result = compare(loaded.model, loaded, spec, label="qkit")
         runs.setdefault("qkit", []).append(result["tokens_per_second"])
         ppl["qkit"] = result["ppl_quant"]
@@ -105,7 +107,7 @@ def main() -> None:
     print(f"  qkit evaluate, batch {args.batch_size} (ppl+KLD+top1+Δp): {tps['qkit']:8.1f} tokens/s  "
           f"(ppl {ppl['qkit']:.3f})")
     print(f"  float forward alone, batch {args.batch_size}: {tps['forward']:8.1f} tokens/s = {forward_gflops:.1f} "
-          f"GFLOP/s = {forward_gflops / peak:.0%} of the fp32 matmul peak {peak:.1f} GFLOP/s "
+          f"GFLOP/s = {forward_gflops / peak:.0%} of the {args.dtype} matmul peak {peak:.1f} GFLOP/s "
           f"(target >= 50%: {'met' if forward_gflops >= 0.5 * peak else 'NOT met'})")
     for bs in args.lm_eval_batches:
         print(f"  lm-eval loglikelihood_rolling, batch {bs}: {tps[bs]:8.1f} tokens/s (ppl {ppl[bs]:.3f}); "
