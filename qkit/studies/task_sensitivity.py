@@ -86,11 +86,12 @@ PROFILES = {
     # Too few items for conclusions (see MIN_ITEMS): it shows the machinery and gross effects only.
     # The arithmetic family gets 48 more items, of the kinds the default model can do (qkit_arithmetic_basic;
     # ~15 s per model on one thread): a 15-point drop made of correct -> wrong flips then has a paired 95%
-    # CI half-width of about 11 points, so it is resolved. Long context stays at 8 items: 40 passkey items
-    # at 512-1024 tokens would cost ~3.5 min of prefill per model.
-    "quick": Config(max_items=6, context_lengths=(512, 1024), depths=(0.0, 1.0), per_cell=1, kld_tokens=256,
-                    max_gen_toks=48, batch_size=8, task_limits=(("qkit_xsum", 4), ("qkit_xsum_ll", 4),
-                                                                ("qkit_arithmetic_basic", 48))),
+    # CI half-width of about 11 points, so it is resolved. Long context likewise: 5 passkey items per
+    # (length, depth) cell, 20 per task and 40 in the family.
+    "quick": Config(max_items=6, context_lengths=(512, 1024), depths=(0.0, 1.0), per_cell=5, kld_tokens=256,
+                    max_gen_toks=48, batch_size=8,
+                    task_limits=(("qkit_xsum", 4), ("qkit_xsum_ll", 4), ("qkit_arithmetic_basic", 48),
+                                 ("qkit_passkey", 20), ("qkit_passkey_multi", 20))),
     # Every item, passkey up to 8K: for a GPU, or a CPU with hours to spare.
     "full": Config(max_items=None, context_lengths=task_items.CONTEXT_LENGTHS, depths=task_items.DEPTHS,
                    per_cell=task_items.PASSKEY_PER_CELL, kld_tokens=4096, max_gen_toks=None, batch_size=16),
