@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 
 import matplotlib.pyplot as plt
@@ -186,7 +187,11 @@ def test_calibration_tables_findings_and_figures(df) -> None:
         for axis in ("n_samples", "seq_len"):
             c = calibration.curve(df, method, axis)
             assert ((c["min"] <= c["mean"]) & (c["mean"] <= c["max"])).all()
-    assert calibration.findings(df)
+    lines = calibration.findings(df)
+    assert lines
+    for line in lines:  # every "no difference" says the spread it could not beat
+        assert line.count("no difference") == len(re.findall(r"spread \((?:[-+.e\d]+|nan|inf)\): no difference",
+                                                             line))
     calibration.cost_table(df)
     config = calibration.Config(**df.attrs["grid"])
     sets = {s: diagnose([[1, 2, 3] * 8] * 2, eos_id=None, domains=[s] * 2) for s in config.sources}

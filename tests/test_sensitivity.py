@@ -106,6 +106,7 @@ def test_findings_follow_the_cis_not_the_claim() -> None:
     text = "\n".join(S.findings(clear))
     assert "arithmetic: loses -75.0 pp" in text and "excludes zero" in text
     assert "arithmetic lost more than summarization, with non-overlapping CIs" in text
+    assert "summarization: the same score on every one of 40 items" in text
 
     rng = np.random.default_rng(0)
     noisy = _result({("baseline", "qkit_gsm8k"): list(rng.integers(0, 2, n)),
@@ -114,11 +115,20 @@ def test_findings_follow_the_cis_not_the_claim() -> None:
     text = "\n".join(S.findings(noisy))
     assert "the CIs overlap summarization's: this run cannot tell them apart" in text
     assert "lost more than" not in text
+    arith = T.family_table(noisy).set_index("family").loc["arithmetic"]
+    assert arith["diff_low"] < 0 < arith["diff_high"]  # spans zero, so the resolvable size is stated
+    half = 100 * (arith["diff_high"] - arith["diff_low"]) / 2
+    assert f"a change beyond about ±{half:.0f} pp, its half-width, would show" in text
 
     floor = _result({("baseline", "qkit_humaneval"): [0] * n, ("m", "qkit_humaneval"): [0] * n,
                      ("baseline", "qkit_xsum"): [0.5] * n, ("m", "qkit_xsum"): [0.4] * n})
     text = "\n".join(S.findings(floor))
     assert "code: not compared, the baseline scores 0" in text and "lost less" not in text
+
+    short = _result({("baseline", "qkit_gsm8k"): [1] * n, ("m", "qkit_gsm8k"): [1] * 10 + [0] * 30,
+                     ("baseline", "qkit_xsum"): [0.5] * 4, ("m", "qkit_xsum"): [0.4] * 4})
+    claim = S.findings(short)[1]  # the short family is summarization, not arithmetic
+    assert "arithmetic: not compared, summarization has too few items (4, fewer than 10)" in claim
 
     zero = _result({("baseline", "qkit_humaneval"): [0] * 5, ("m", "qkit_humaneval"): [0] * 5})
     assert "both score 0 on 5 items, so this model cannot show a loss" in S.findings(zero)[0]

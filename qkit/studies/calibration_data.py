@@ -209,9 +209,10 @@ def findings(df, metric: str = "kld_mean") -> list[str]:
                 parts.append(f"on {domain} text, in-domain calibration is {better} than the best other source "
                              f"({best_other}): KLD {col[domain]:.3g} against {others[best_other]:.3g}")
             else:
+                # The spread is the smallest difference this grid resolves: the findings say so.
                 parts.append(f"on {domain} text, in-domain ({col[domain]:.3g}) and {best_other} "
                              f"({others[best_other]:.3g}) calibration differ by less than the seed-to-seed "
-                             "spread: no difference")
+                             f"spread ({max(rng[domain], rng[best_other]):.2g}): no difference")
         for axis, label in (("n_samples", "samples"), ("seq_len", "tokens per sample")):
             c = curve(df, method, axis, metric)
             c = c[c["eval_domain"] == grid["curve_source"]] if grid["curve_source"] in set(c["eval_domain"]) else c
@@ -224,7 +225,8 @@ def findings(df, metric: str = "kld_mean") -> list[str]:
                              f"{lo['mean']:.3g} → {hi['mean']:.3g}")
             else:
                 parts.append(f"{lo[axis]:.0f} and {hi[axis]:.0f} {label} give KLD {lo['mean']:.3g} and "
-                             f"{hi['mean']:.3g}, within the seed-to-seed spread: no difference")
+                             f"{hi['mean']:.3g}, within the seed-to-seed spread "
+                             f"({max(lo['range'], hi['range']):.2g}): no difference")
         lines.append(f"**{method}**: " + "; ".join(parts) + ".")
     return lines
 

@@ -134,8 +134,13 @@ def findings(res: Result, seed: int = 0) -> list[str]:
                 parts.append(f"{r['family']}: loses {pp}, a loss the 95% CI excludes zero from")
             elif r["diff_low"] > 0:
                 parts.append(f"{r['family']}: gains {pp} (CI above zero)")
+            elif r["diff_low"] == r["diff_high"] == 0:
+                parts.append(f"{r['family']}: the same score on every one of {r['n']} items")
             else:
-                parts.append(f"{r['family']}: {pp}, no difference detectable on {r['n']} items (the CI spans zero)")
+                # The half-width: how large a change this run could have seen ("no difference" is not "no effect").
+                half = 100 * (r["diff_high"] - r["diff_low"]) / 2
+                parts.append(f"{r['family']}: {pp}, no difference detectable on {r['n']} items (the CI spans "
+                             f"zero; a change beyond about ±{half:.0f} pp, its half-width, would show)")
         lines.append(f"**{method}** — " + "; ".join(parts) + ".")
         lines.append(_claim(method, g))
     return lines
@@ -168,7 +173,10 @@ def _claim(method: str, g: pd.DataFrame) -> str:
         out.append(f"{', '.join(better)} lost less than summarization, with non-overlapping CIs.")
     if overlap:
         out.append(f"For {', '.join(overlap)} the CIs overlap summarization's: this run cannot tell them apart.")
-    if few:
+    if few and s["n"] < MIN_ITEMS:
+        out.append(f"{', '.join(few)}: not compared, summarization has too few items ({s['n']}, fewer than "
+                   f"{MIN_ITEMS}).")
+    elif few:
         out.append(f"{', '.join(few)}: not compared, too few items (fewer than {MIN_ITEMS} in a family).")
     if floor:
         out.append(f"{', '.join(floor)}: not compared, the baseline scores 0.")
