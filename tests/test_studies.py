@@ -82,3 +82,64 @@ def test_a_checkpoint_directory_is_a_variant_beside_the_methods(tiny, tmp_path) 
     assert theirs["kld_mean"] == pytest.approx(ours["kld_mean"]) and theirs["size_mb"] == pytest.approx(ours["size_mb"])
     with pytest.raises(QkitError, match="neither a quantization method nor a checkpoint"):
         variants.check("./no_such_checkpoint")
+
+
+def test_calibration_sizes_per_method_and_a_size_given_for_every_method() -> None:
+    quick = studies.config("quick")
+    assert quick.calib_for("w4a16_awq") == CalibSpec("prose", 4, 128) != quick.calib_for("w4a16_gptq")
+    assert quick.calib_for("w4a16_gptq") == CalibSpec("prose", quick.samples, quick.seq_len)
+    # a size the user gives holds for every method, unless they size methods too
+    assert studies.config("quick", samples=64).calib_for("w4a16_awq") == CalibSpec("prose", 64, 512)
+    given = studies.config("quick", seq_len=256, calib_sizes={"w4a16_gptq": [8, 64]})  # as a notebook passes it
+    assert given.calib_sizes == (("w4a16_gptq", (8, 64)),) and hash(given)
+    assert given.calib_for("w4a16_awq") == CalibSpec("prose", 32, 256)
+    with pytest.raises(QkitError, match="unknown quantization method 'w4a16_awk'"):
+        studies.config("quick", calib_sizes={"w4a16_awk": (4, 128)})
+    with pytest.raises(QkitError, match="calib_sizes must pair each method with"):
+        studies.config("quick", calib_sizes=[4, 128])
+    with pytest.raises(QkitError, match="n_samples must be a positive integer"):
+        studies.config("quick", calib_sizes={"w4a16_awq": (0, 128)})
+
+
+def test_the_task_study_calibrates_its_methods_as_the_methods_study_does() -> None:
+    """Same calibration, same cache key: notebook 04 reuses notebook 02's checkpoints instead of building
+    them again."""
+    from qkit.studies import task_sensitivity
+
+    methods, tasks = studies.config("quick"), task_sensitivity.config("quick")
+    for name in tasks.methods:
+        assert tasks.calib_for(name) == methods.calib_for(name), name
+
+
+def test_a_method_calibrated_on_its_own_size_is_built_once_for_both_studies(tiny, tmp_path) -> None:
+    import shutil
+
+    from qkit.core.store import Store
+    from qkit.studies import task_sensitivity
+
+    store = Store(tmp_path)
+    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    sizes = {"fp8_static": (2, 32)}
+    config = studies.config(model="tiny", methods=["fp8_static", "nvfp4"], samples=4, seq_len=64, calib_sizes=sizes,
+                            eval_tokens=512, ctx=256, workers=1)
+    res = studies.run(config, store=store)
+    calibration = res.provenance()["calibration"]
+    assert calibration["fp8_static"].startswith("prose, 2 x 32 tokens, seed 0")
+    assert calibration["nvfp4"].startswith("prose, 4 x 64 tokens, seed 0")
+    assert list(res.tables()["methods"]["calibration"]) == ["prose, 2 x 32", "prose, 4 x 64"]
+    built = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+
+    tasks = task_sensitivity.config(model="tiny", methods=["fp8_static"], tasks=["qkit_arithmetic"], limit=2,
+                                    samples=4, seq_len=64, calib_sizes=sizes, kld_tokens=256, max_gen_toks=4,
+                                    workers=1)
+    scored = task_sensitivity.run(tasks, store=store)
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == built
+    assert scored.meta["checkpoints"]["fp8_static"] == res.rows.set_index("method").loc["fp8_static", "checkpoint"]
+
+
+def test_the_findings_say_which_methods_calibrated_on_a_size_of_their_own() -> None:
+    config = studies.config("quick")
+    (line,) = studies.calibration_findings(config, ["w4a16_rtn", "w4a16_awq", "w4a16_gptq", "fp8_static"])
+    assert "w4a16_awq 4 x 128, fp8_static 4 x 128; the others (w4a16_gptq) 32 x 512" in line
+    assert studies.calibration_findings(config, ["w4a16_rtn", "w4a16_gptq"]) == []
+    assert studies.calibration_findings(studies.config("full"), ["w4a16_awq", "w4a16_gptq"]) == []

@@ -17,17 +17,23 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="allow a model's own Python code to run (off by default)")
 
 
-def calib_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    """--calib (unless the command takes the set as its positional argument), --samples, --seq-len, --seed."""
+def calib_args(p: argparse.ArgumentParser, positional: bool = False, profile: bool = False) -> None:
+    """--calib (unless the command takes the set as its positional argument), --samples, --seq-len, --seed;
+    with `profile`, each left out is None: the study profile's, which may size each method's own."""
     from qkit.data import CalibSpec
 
     d = CalibSpec()
+    name, samples, seq_len, seed = (None,) * 4 if profile else (d.name, d.n_samples, d.seq_len, d.seed)
+    shown = (lambda v: "the profile's") if profile else (lambda v: v)  # noqa: E731
+    every = ", for every method" if profile else ""
     if not positional:
-        p.add_argument("--calib", default=d.name, metavar="NAME|PATH",
-                       help=f"calibration set: a built-in name or a data file (default {d.name})")
-    p.add_argument("--samples", type=int, default=d.n_samples, help=f"calibration samples (default {d.n_samples})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sample (default {d.seq_len})")
-    p.add_argument("--seed", type=int, default=d.seed)
+        p.add_argument("--calib", default=name, metavar="NAME|PATH",
+                       help=f"calibration set: a built-in name or a data file (default {shown(d.name)})")
+    p.add_argument("--samples", type=int, default=samples,
+                   help=f"calibration samples{every} (default {shown(d.n_samples)})")
+    p.add_argument("--seq-len", type=int, default=seq_len,
+                   help=f"tokens per sample{every} (default {shown(d.seq_len)})")
+    p.add_argument("--seed", type=int, default=seed)
 
 
 def calib(args: argparse.Namespace):

@@ -25,14 +25,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from qkit.studies import task_sensitivity as sensitivity
 
     split = lambda text: [m.strip() for m in text.split(",") if m.strip()] if text else None  # noqa: E731
-    calib = common.calib(args)
     from qkit.evaluation.tasks import user
 
     config = sensitivity.config(args.profile, model=args.model, methods=split(args.methods), tasks=split(args.tasks),
                                 include_path=args.include_path, families=user.parse_families(args.family) or None,
                                 limit=args.limit, trust_remote_code=args.trust_remote_code,
                                 context_lengths=common.ints(args.context_lengths) if args.context_lengths else None,
-                                calib=calib.name, samples=calib.n_samples, seq_len=calib.seq_len, seed=calib.seed)
+                                calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     res = sensitivity.run(config)
     fam = sensitivity.family_table(res)
     if args.json:
@@ -65,6 +64,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="items per task (default: the profile's)")
     p.add_argument("--context-lengths", default=None, metavar="N,N,...",
                    help="passkey context lengths in tokens (default: the profile's; quick 512,1024, full to 8192)")
-    common.calib_args(p)
+    common.calib_args(p, profile=True)
     p.add_argument("--json", action="store_true", help="print the family and task tables as JSON")
     p.set_defaults(func=cmd_sensitivity)

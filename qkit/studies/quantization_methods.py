@@ -14,12 +14,19 @@ from tqdm.auto import tqdm
 
 from qkit import data, models
 from qkit.core.errors import QkitError
-from qkit.core.store import MANIFEST, Kind, Store
+from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import EvalSpec, baseline, compare, metrics
 from qkit.quant import artifacts, formats, registry, variants
 from qkit.studies import cells, contract, plots
 from qkit.studies.contract import Summary
+from qkit.studies.method_tables import (
+    gguf_tensor_types,
+    model_note,  # noqa: F401 - notebook 02 calls it from here, as study.model_note
+    provenance_table,
+    results_table,
+    size_breakdown,
+)
 
 EVALUATION = Kind("evaluation", 1)
 
@@ -100,26 +107,61 @@ def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class Config(cells.Placement):
-    """What the methods study runs: the model, the methods (None: every study method), the calibration set
-    of the methods that calibrate, and the held-out text every checkpoint is evaluated on. Each method
-    missing from the store is a cell (see :class:`qkit.studies.cells.Placement`); checkpoints made
-    elsewhere are evaluated here, where their paths are."""
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How a study calibrates the methods that need it: ``samples`` x ``seq_len`` tokens of ``calib`` drawn
+    with ``seed``, except the methods named in ``calib_sizes`` ((method, (samples, seq_len)), ...; a dict
+    is taken too), which calibrate on a size of their own. ``seed`` is also the bootstrap's."""
 
-    model: str = models.DEFAULT_MODEL
-    methods: tuple[str, ...] | None = None
     calib: str = "prose"
     samples: int = 32  # llm-compressor's examples use 512 x 2048 on a GPU
     seq_len: int = 512
+    calib_sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = self.calib_sizes.items() if isinstance(self.calib_sizes, dict) else self.calib_sizes
+        try:
+            # frozen, and hashable only with tuples all the way down (a notebook parameter arrives as lists)
+            object.__setattr__(self, "calib_sizes", tuple((str(m), (int(s), int(n))) for m, (s, n) in sizes))
+        except (TypeError, ValueError):
+            raise QkitError(f"calib_sizes must pair each method with (samples, seq_len); got {self.calib_sizes!r}",
+                            'write it as {"w4a16_awq": (4, 128)}') from None
+        for method in dict(self.calib_sizes):
+            variants.check(method)  # a typo, or a size that cannot be built, fails before any model loads
+            self.calib_for(method)
+        self.calib_for(None)
+
+    def calib_for(self, method: str | None) -> CalibSpec:
+        """The calibration set `method` sees (the methods that need none ignore it; None: the common one)."""
+        samples, seq_len = dict(self.calib_sizes).get(method, (self.samples, self.seq_len))
+        return CalibSpec(self.calib, samples, seq_len, self.seed)
+
+
+# The methods whose KLD on this study's text barely moves from 4 x 128 calibration tokens to 32 x 512 (SmolLM2,
+# 2 cores; KLD [95% CI] at 32 x 512, then at 4 x 128, seed 0, with the oneshot's seconds):
+#   w4a16_awq   0.170 [0.159, 0.181] 1,620 s  ->  0.180 [0.168, 0.193] 58 s (seed 1: 0.176 [0.166, 0.188])
+#   w8a8_int8   0.0179 [0.0164, 0.0195] 324 s ->  0.0198 [0.0171, 0.0236] 45 s (seed 1: 0.0201 [0.0182, 0.0221])
+#   fp8_static  0.0381 [0.0355, 0.0408] 127 s ->  0.0370 [0.0344, 0.0399] 11 s
+#   nvfp4       0.441 [0.420, 0.466] 135 s    ->  0.451 [0.423, 0.481] 8 s
+# so they calibrate on 4 x 128 in the quick profile: 2,000 s less. GPTQ does not (about 2x the KLD at 4
+# samples in the calibration study) and keeps 32 x 512, GPTQModel's GPTQ alike, so the two compare evenly.
+# The task study calibrates alike, so it reuses these checkpoints.
+QUICK_CALIB_SIZES = tuple((m, (4, 128)) for m in ("w4a16_awq", "w8a8_int8", "fp8_static", "nvfp4"))
+
+
+@dataclass(frozen=True)
+class Config(cells.Placement, Calibration):
+    """What the methods study runs: the model, the methods (None: every study method), how the methods
+    that calibrate are calibrated (:class:`Calibration`), and the held-out text every checkpoint is
+    evaluated on. Each method missing from the store is a cell (see :class:`qkit.studies.cells.Placement`);
+    checkpoints made elsewhere are evaluated here, where their paths are."""
+
+    model: str = models.DEFAULT_MODEL
+    methods: tuple[str, ...] | None = None
     eval_text: str = "prose"
     eval_tokens: int = 8192
     ctx: int = 512
-    seed: int = 0
-
-    @property
-    def calib_spec(self) -> CalibSpec:
-        return CalibSpec(self.calib, self.samples, self.seq_len, self.seed)
 
     @property
     def eval_spec(self) -> EvalSpec:
@@ -127,15 +169,23 @@ class Config(cells.Placement):
 
 
 PROFILES = {
-    "quick": Config(),
+    "quick": Config(calib_sizes=QUICK_CALIB_SIZES),
     # llm-compressor's own calibration size, and 8x the evaluation text: for a GPU.
     "full": Config(samples=512, seq_len=2048, eval_tokens=65536),
 }
 
 
 def config(profile: str | Config = "quick", **overrides) -> Config:
-    """A profile's config with the overrides that are not None (lists become tuples)."""
-    return contract.config(PROFILES, profile, **overrides)
+    """A profile's config with the overrides that are not None (lists become tuples); see
+    :func:`calibration_overrides`."""
+    return contract.config(PROFILES, profile, **calibration_overrides(overrides))
+
+
+def calibration_overrides(overrides: dict) -> dict:
+    """`overrides` where a calibration size given (``samples`` or ``seq_len``) holds for every method: the
+    profile's own sizes per method (``calib_sizes``) then no longer apply, unless they are given too."""
+    sized = overrides.get("samples") is not None or overrides.get("seq_len") is not None
+    return {**overrides, "calib_sizes": ()} if sized and overrides.get("calib_sizes") is None else overrides
 
 
 def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Result:
@@ -149,10 +199,12 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     for name in names:
         variants.check(name)  # fail on a typo before spending minutes on the first methods
     data.check_disjoint(config.calib, config.eval_text)
-    calib, eval_spec = config.calib_spec, config.eval_spec
+    eval_spec = config.eval_spec
     loaded = models.resolve_model(config.model, store=store)
-    todo = [n for n in names if variants.is_method(n) and not evaluated(loaded, n, calib, eval_spec, store)]
-    failed = cells.offload(config, _method_cell, [(n, (n, calib, eval_spec, config.seed)) for n in todo],
+    todo = [n for n in names if variants.is_method(n)
+            and not evaluated(loaded, n, config.calib_for(n), eval_spec, store)]
+    failed = cells.offload(config, _method_cell,
+                           [(n, (n, config.calib_for(n), eval_spec, config.seed)) for n in todo],
                            model=config.model, loaded=loaded, store=store,
                            before=lambda: baseline(loaded, eval_spec, store), desc="methods", keep_going=True)
     rows = []
@@ -160,7 +212,7 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
         try:
             if name in failed:  # it failed in its cell; running it again here would fail the same way
                 raise failed[name]
-            variant = variants.parse(loaded, name, calib=calib, store=store)
+            variant = variants.parse(loaded, name, calib=config.calib_for(name), store=store)
             rows.append(evaluate(loaded, variant, eval_spec, store=store, seed=config.seed))
         except QkitError:
             raise
@@ -193,12 +245,13 @@ class Result:
         return self.rows[self.rows["error"].isna()] if "error" in self.rows else self.rows
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        return {"methods": methods_table(self.config.methods), "results": results_table(self.rows),
+        return {"methods": methods_table(self.config.methods, self.config), "results": results_table(self.rows),
                 "size breakdown": size_breakdown(self.rows), "GGUF tensor types": gguf_tensor_types(self.rows)}
 
     def findings(self) -> list[str]:
         return rank_findings(self.ok, "kld_mean", "KLD") + rank_findings(
-            self.ok, "top1_pct", "top-1 agreement (%)", higher_is_better=True)
+            self.ok, "top1_pct", "top-1 agreement (%)", higher_is_better=True) + calibration_findings(
+            self.config, list(self.ok["method"]))
 
     def figures(self) -> plots.Figures:
         r = self.rows
@@ -258,130 +311,39 @@ def rank_findings(df: pd.DataFrame, metric: str, label: str, *, higher_is_better
             f"this run cannot tell apart: {order}.{resolve}"]
 
 
-def methods_table(method_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """The registry as a table: what each method stores, whether it calibrates, where it runs natively.
-    Checkpoints made elsewhere are not methods: the results table says what they hold."""
+def calibration_findings(calibration: Calibration, names: Sequence[str]) -> list[str]:
+    """A line saying which of the calibrated methods among `names` saw a calibration size of their own."""
+    calibrated = [n for n in names if variants.is_method(n) and registry.get_method(n).needs_calibration]
+    own = [n for n in calibrated if n in dict(calibration.calib_sizes)]
+    if not own:
+        return []
+    def size(name: str) -> str:
+        spec = calibration.calib_for(name)
+        return f"{name} {spec.n_samples} x {spec.seq_len}"
+
+    rest = [n for n in calibrated if n not in own]
+    return [f"**Calibration differs by method** (tokens: samples x length): {', '.join(map(size, own))}"
+            + (f"; the others ({', '.join(rest)}) {calibration.samples} x {calibration.seq_len}" if rest else "")
+            + ". A method's rank holds for the calibration it saw."]
+
+
+def methods_table(method_names: Sequence[str] | None = None, calibration: Calibration | None = None
+                  ) -> pd.DataFrame:
+    """The registry as a table: what each method stores, whether it calibrates (on how many samples x tokens,
+    given the study's `calibration`), where it runs natively. Checkpoints made elsewhere are not methods:
+    the results table says what they hold."""
     names = [n for n in (method_names or registry.STUDY_METHODS) if variants.is_method(n)]
+
+    def calibrated(m: registry.Method) -> str:
+        if not m.needs_calibration:
+            return "no"
+        if calibration is None:
+            return "yes"
+        spec = calibration.calib_for(m.name)
+        return f"{spec.name}, {spec.n_samples} x {spec.seq_len}"
+
     rows = [{"method": m.name, "what it is": m.title, "weights": m.weight_format or "from the checkpoint",
              "bits (W/A)": f"{m.weight_bits}/{m.act_bits or 16}" if m.weight_bits else "from the checkpoint",
-             "group": m.group_size or "-", "calibration": "yes" if m.needs_calibration else "no",
+             "group": m.group_size or "-", "calibration": calibrated(m),
              "runs natively on": str(m.native_hardware)} for m in map(registry.get_method, names)]
-    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
-
-
-RESULT_COLUMNS = {
-    "size_mb": "size (MB)", "reduction_vs_bf16": "× smaller than BF16", "ppl_quant": "perplexity",
-    "kld_mean": "KLD mean", "kld_p99": "KLD p99", "top1_pct": "top-1 agree (%)",
-    "mean_dp_pct": "mean Δp (%)", "ppl_recovery_pct": "ppl recovery (%)", "quant_seconds": "quantize (s)",
-    "error": "error",
-}
-
-
-def results_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader compares first, rounded; the full table stays in `df`."""
-    cols = [c for c in RESULT_COLUMNS if c in df and (c != "error" or df[c].notna().any())]
-    return df.set_index("method")[cols].rename(columns=RESULT_COLUMNS).round(
-        {"size (MB)": 1, "× smaller than BF16": 2, "perplexity": 3, "KLD mean": 5, "KLD p99": 4,
-         "top-1 agree (%)": 2, "mean Δp (%)": 3, "ppl recovery (%)": 2, "quantize (s)": 1})
-
-
-# Tensor roles in a compressed-tensors checkpoint, by name suffix, so that the bytes spent on scales
-# and zero points can be told apart from the quantized weights and from what stays in float.
-_ROLES = (("weight_packed", "quantized weights"), ("weight_scale", "scales"),
-          ("weight_global_scale", "scales"), ("input_scale", "scales"), ("input_global_scale", "scales"),
-          ("weight_zero_point", "zero points"), ("weight_shape", "metadata"),
-          # GPTQModel's GPTQ format
-          ("qweight", "quantized weights"), ("scales", "scales"), ("qzeros", "zero points"), ("g_idx", "metadata"))
-
-
-def _built(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows whose method built a checkpoint (a run where every method failed has none)."""
-    return df.dropna(subset=["checkpoint"]) if "checkpoint" in df else df.iloc[:0]
-
-
-def size_breakdown(df: pd.DataFrame) -> pd.DataFrame:
-    """Bytes on disk per method split into quantized weights, scales, zero points and float tensors,
-    read from the checkpoints' safetensors headers. GGUF checkpoints keep scales inside their blocks, so
-    they are left out here (see :func:`gguf_tensor_types`)."""
-    rows = []
-    for _, r in _built(df).iterrows():
-        quantized_layers = set()
-        sizes: dict[str, int] = {}
-        entries = [(name, nbytes) for name, _, nbytes in artifacts.checkpoint_tensors(Path(r["checkpoint"]))]
-        if not entries:
-            continue
-        for name, _ in entries:
-            if name.endswith(("weight_scale", "weight_packed")):
-                quantized_layers.add(name.rsplit(".", 1)[0])
-        for name, nbytes in entries:
-            prefix, _, leaf = name.rpartition(".")
-            role = next((label for suffix, label in _ROLES if leaf == suffix), None)
-            if role is None:
-                role = "quantized weights" if prefix in quantized_layers and leaf == "weight" else "float (unquantized)"
-            sizes[role] = sizes.get(role, 0) + nbytes
-        rows.append({"method": r["method"], **{k: v / 1e6 for k, v in sizes.items()}})
-    if not rows:
-        return pd.DataFrame()
-    cols = ["quantized weights", "scales", "zero points", "float (unquantized)", "metadata"]
-    out = pd.DataFrame(rows).set_index("method").fillna(0.0)
-    return out[[c for c in cols if c in out]].round(2).add_suffix(" (MB)")
-
-
-def gguf_tensor_types(df: pd.DataFrame) -> pd.DataFrame:
-    """Tensors of each block type in each GGUF checkpoint: the mix llama-quantize's rules chose."""
-    rows = []
-    for _, r in _built(df).iterrows():
-        manifest = Path(r["checkpoint"]) / MANIFEST
-        meta = Store.manifest(Path(r["checkpoint"]))["meta"] if manifest.exists() else {}  # none: made elsewhere
-        if meta.get("backend") == "gguf":
-            rows.append({"method": r["method"], **meta["tensor_types"]})
-    return pd.DataFrame(rows).set_index("method").fillna(0).astype(int) if rows else pd.DataFrame()
-
-
-def model_note(df: pd.DataFrame):
-    """A short markdown note on the model and baseline that the numbers refer to."""
-    from IPython.display import Markdown
-
-    info = df.attrs.get("model", {})
-    ok = df[df["error"].isna()] if "error" in df else df
-    lines = [f"**Model:** `{info.get('spec')}` ({info.get('n_params', 0) / 1e6:.1f}M parameters, "
-             f"{info.get('kind')}); baseline perplexity on this text: "
-             f"{ok['ppl_base'].iloc[0]:.3f}." if len(ok) else f"**Model:** `{info.get('spec')}`."]
-    if info.get("source", {}).get("package") == models.SMOLLM2_SOURCE["package"]:
-        lines.append(
-            "**Caveat:** SmolLM2's weights reach qkit from a Q4_1 GGUF, so they already sit on a 4-bit grid "
-            "in blocks of 32, where INT4 at group size 32 could look lossless. qkit's INT4 methods use group "
-            "size 64 (128, the usual choice, does not divide SmolLM2's 576-wide layers, which llm-compressor "
-            "refuses); at 64 the rounding error is like a natural weight matrix's.")
-    failed = df[df["error"].notna()] if "error" in df else df.iloc[:0]
-    for _, r in failed.iterrows():
-        lines.append(f"**{r['method']} failed:** {r['error']}")
-    return Markdown("\n\n".join(lines))
-
-
-def provenance_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Where each result came from: the checkpoint's manifest (recipe, calibration, seed, versions)."""
-    rows = []
-    for _, r in _built(df).iterrows():
-        path = Path(r["checkpoint"])
-        if path.exists() and not (path / MANIFEST).exists():
-            rows.append({"method": r["method"], "cache key": f"made elsewhere: {path}"})
-            continue
-        try:
-            m = Store.manifest(path)
-        except OSError:  # the result was read from the store, its checkpoint since cleaned away
-            rows.append({"method": r["method"], "cache key": f"{r['checkpoint']} (no longer in the store)"})
-            continue
-        prov = m["provenance"]
-        calib = m["spec"].get("calibration")
-        rows.append({"method": r["method"], "cache key": m["key"],
-                     "calibration": (f"{calib['name']}, {calib['n_samples']} x {calib['seq_len']} tokens, "
-                                     f"seed {calib['seed']}" + (f", sha256 {calib['sha256'][:16]}"
-                                                                if calib.get("sha256") else ""))
-                     if calib else "none (not needed)",
-                     "built": prov["time"], "git commit": prov["git_commit"],
-                     "hardware": f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}",
-                     # built before qkit recorded the node: unknown
-                     "node": " ".join(prov.get("node", {}).values()) or "unknown",
-                     "libraries": ", ".join(f"{k} {v}" for k, v in prov["libraries"].items())})
     return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()

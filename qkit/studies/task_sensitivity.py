@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 from qkit import data, models
 from qkit.core import provenance
 from qkit.core.store import Kind, Store
-from qkit.data import CalibSpec
 from qkit.evaluation import TASK_PREFIX, EvalSpec, compare, tasks
 from qkit.evaluation.tasks import items as task_items
 from qkit.evaluation.tasks import user as user_tasks
 from qkit.quant import variants
-from qkit.studies import cells, contract, plots, quantization_methods
+from qkit.studies import cells, contract, method_tables, plots, quantization_methods
 from qkit.studies.contract import Summary
 from qkit.studies.task_tables import (
     MIN_ITEMS,
@@ -45,12 +44,14 @@ DEFAULT_METHODS = ("fp8_dynamic", "w8a8_int8", "w4a16_gptq", "w4a16_awq")
 
 
 @dataclass(frozen=True)
-class Config(cells.Placement):
+class Config(cells.Placement, quantization_methods.Calibration):
     """What the task study runs: the model and methods, the tasks (None: all; names or families), and how
     much of each. Items are spread evenly over a task (every k-th), so that a cap still covers all of
     BIG-bench's digit counts and operations. ``max_items`` is the profile's cap per task; ``limit``, when
     set, is a number of items the user asked for, which must exist. The baseline and each registry method
-    whose results are missing are cells (see :class:`qkit.studies.cells.Placement`)."""
+    whose results are missing are cells (see :class:`qkit.studies.cells.Placement`). The methods calibrate as
+    in the methods study (:class:`qkit.studies.quantization_methods.Calibration`), so that its checkpoints
+    serve here too."""
 
     max_items: int | None  # items per task at most; None = all
     context_lengths: tuple[int, ...]  # passkey
@@ -67,15 +68,7 @@ class Config(cells.Placement):
     include_path: str | None = None
     families: tuple[tuple[str, str], ...] = ()
     limit: int | None = None
-    calib: str = "prose"
-    samples: int = 32
-    seq_len: int = 512
-    seed: int = 0  # of the calibration set and of the bootstrap
     trust_remote_code: bool = False
-
-    @property
-    def calib_spec(self) -> CalibSpec:
-        return CalibSpec(self.calib, self.samples, self.seq_len, self.seed)
 
 
 PROFILES = {
@@ -90,7 +83,7 @@ PROFILES = {
     # (length, depth) cell, 20 per task and 40 in the family, of which SmolLM2 retrieves 70%; they cost
     # ~160 s per model on one thread (measured), where the 8 items before cost ~32 s.
     "quick": Config(max_items=6, context_lengths=(512, 1024), depths=(0.0, 1.0), per_cell=5, kld_tokens=256,
-                    max_gen_toks=48, batch_size=8,
+                    max_gen_toks=48, batch_size=8, calib_sizes=quantization_methods.QUICK_CALIB_SIZES,
                     task_limits=(("qkit_xsum", 4), ("qkit_xsum_ll", 4), ("qkit_arithmetic_basic", 48),
                                  ("qkit_passkey", 20), ("qkit_passkey_multi", 20))),
     # Every item, passkey up to 8K: for a GPU, or a CPU with hours to spare.
@@ -121,7 +114,7 @@ class Result:
 
     def provenance(self) -> pd.DataFrame:
         checkpoints = self.meta.get("checkpoints", {})
-        return quantization_methods.provenance_table(
+        return method_tables.provenance_table(
             pd.DataFrame({"method": list(checkpoints), "checkpoint": list(checkpoints.values())}))
 
     def summary(self) -> Summary:
@@ -138,8 +131,9 @@ class Result:
 
 
 def config(profile: str | Config = "quick", **overrides) -> Config:
-    """A profile's config with the overrides that are not None (lists become tuples)."""
-    return contract.config(PROFILES, profile, **overrides)
+    """A profile's config with the overrides that are not None (lists become tuples); a calibration size
+    given holds for every method (:func:`qkit.studies.quantization_methods.calibration_overrides`)."""
+    return contract.config(PROFILES, profile, **quantization_methods.calibration_overrides(overrides))
 
 
 def _options(task: tasks.Task, prof: Config) -> dict:
@@ -185,7 +179,7 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     if compared is None:
         specs = list(dict.fromkeys(config.methods))
         _run_cells(config, loaded, [BASELINE, *(s for s in specs if variants.is_method(s))], plan, store)
-        compared = [variants.parse(loaded, spec, calib=config.calib_spec, store=store) for spec in specs]
+        compared = [variants.parse(loaded, spec, calib=config.calib_for(spec), store=store) for spec in specs]
     every = [variants.baseline(loaded), *compared]
 
     rows, kld_rows = [], []
@@ -197,7 +191,7 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     seconds = df.groupby(["method", "task"], sort=False)["seconds"].sum(min_count=1) if len(df) else {}
     meta = {"model": loaded.info, "config": asdict(config), "limit": config.limit,
             "methods": [v.label for v in compared], "tasks": [t.name for t in chosen],
-            "calibration": asdict(config.calib_spec),
+            "calibration": {spec: asdict(config.calib_for(spec)) for spec in config.methods},
             "seconds": {f"{m}/{t}": round(float(v), 2) for (m, t), v in dict(seconds).items()},
             "checkpoints": {v.label: str(v.checkpoint.path) for v in compared if v.checkpoint},
             "provenance": provenance.collect()}
@@ -266,7 +260,7 @@ def _run_cells(config: Config, loaded: models.LoadedModel, specs: Sequence[str],
     """Score, in the executor's processes, the specs (the baseline or registry methods) whose results the
     store lacks; a rerun with everything cached starts no process."""
     def scored(spec: str) -> bool:
-        identity = "float" if spec == BASELINE else variants.method_identity(loaded, spec, config.calib_spec, store)
+        identity = "float" if spec == BASELINE else variants.method_identity(loaded, spec, config.calib_for(spec), store)
         return all(store.has_items(tasks.TASK_ITEMS, _items_spec(loaded, identity, p.task, config), p.ids)
                    and (spec == BASELINE or store.lookup(TASK_KLD, _kld_key(p, identity)))
                    for p in plan)
@@ -279,7 +273,7 @@ def _variant_cell(config: Config, spec: str) -> None:
     loaded, store = cells.worker()
     user_tasks.include(config.include_path, dict(config.families))
     variant = (variants.baseline(loaded) if spec == BASELINE
-               else variants.parse(loaded, spec, calib=config.calib_spec, store=store))
+               else variants.parse(loaded, spec, calib=config.calib_for(spec), store=store))
     _score_variant(loaded, variant, _plan(config, loaded, tasks.resolve(config.tasks)), config, store)
 
 
