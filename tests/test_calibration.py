@@ -116,7 +116,7 @@ def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tm
     from qkit.studies import quantization_methods as studies
 
     store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)  # do not train `tiny` again
+    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)  # do not train `tiny` again
     built, compared = [], []
     real_build, real_compare = llmcompressor_backend.build, evaluation.compare
     monkeypatch.setattr(llmcompressor_backend, "build", lambda *a: built.append(a[2]) or real_build(*a))
@@ -147,7 +147,7 @@ def test_parallel_sweep_fills_the_cache_the_serial_one_reads(tiny, tmp_path, mon
     from qkit.studies import quantization_methods as studies
 
     store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
     df = C.run(C.config(GRID, workers=2), store=store).rows
     assert len(set(df["checkpoint"])) == 4 and df["kld_mean"].gt(0).all()
     monkeypatch.setattr(llmcompressor_backend, "build", lambda *a, **k: pytest.fail("quantized again"))

@@ -323,6 +323,29 @@ def test_replay_without_out_is_kept_in_the_store(tiny, prompts, store, tmp_path,
         drift.replay(tiny, "fp8_dynamic", few, switch_to="w4a16_rtn", switch_at=3, store=store)
 
 
+def test_the_upgrade_check_is_the_canarys_and_a_rerun_reads_it_back(tiny, prompts, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from qkit.evaluation import canary
+
+    store = Store(tmp_path / "store")
+    shutil.copytree(tiny.path, store.root / tiny.path.parent.name / tiny.path.name)  # not trained again
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:6]))
+    config = drift.Config(model="tiny", prompts=str(few), max_new_tokens=4)
+    first = drift.upgrade_check(config, store=store)
+    ident = canary.identify("tiny", prompts=few)
+    direct = canary.check_record(canary.make_record(canary.deployment(ident), canary.CanaryConfig(max_new_tokens=4)),
+                                 canary.deployment(ident, "bfloat16"))
+    assert first.changed == direct.changed == ["dtype: float32 → bfloat16"]
+    pd.testing.assert_frame_equal(first.measures, direct.measures)
+    pd.testing.assert_frame_equal(first.per_prompt, direct.per_prompt, check_dtype=False)
+    monkeypatch.setattr(canary, "make_record", lambda *a, **k: pytest.fail("the canary ran again"))
+    again = drift.upgrade_check(config, store=store)
+    pd.testing.assert_frame_equal(again.per_prompt, first.per_prompt)
+    assert again.alert == first.alert and again.thresholds == first.thresholds
+
+
 def test_a_change_in_one_tag_alerts_for_that_tag():
     rng = np.random.default_rng(0)
     rows = [{"line": i + 1, "timestamp": None, "tag": "ab"[i % 2], "check": None, "top1": 0.95, "served_top1": 0.95,

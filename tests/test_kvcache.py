@@ -107,7 +107,7 @@ def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, tmp_path, monkeypa
     from qkit.core.store import Store
 
     store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
     prof = K.Config(("fp8_tensor", "fp8_head", "hqq_int4"), n_tokens=512, n_docs=2, chunk=64,
                     context_lengths=(256,), depths=(1.0,), calib_samples=2, calib_seq_len=64, model="tiny")
     res = K.run(prof, store=store)

@@ -176,7 +176,7 @@ TINY_PROFILE = S.Config(max_items=2, context_lengths=(256,), depths=(0.0, 1.0), 
 def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, monkeypatch) -> None:
     store = Store(tmp_path)
     # A fresh store for the results, seeded with the tiny model so that it is not trained again.
-    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
     calls = []
     real = tasks.evaluate
 
@@ -215,7 +215,7 @@ def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, mon
 def test_cells_in_worker_processes_give_the_same_items_and_a_warm_rerun_starts_none(tiny, tmp_path, monkeypatch
                                                                                     ) -> None:
     def store_with_tiny(root):
-        shutil.copytree(tiny.path, root / "model" / tiny.path.name)  # not trained again
+        shutil.copytree(tiny.path, root / tiny.path.parent.name / tiny.path.name)  # not trained again
         return Store(root)
 
     config = S.config(TINY_PROFILE, methods=["fp8_dynamic", "w4a16_rtn"], tasks=["qkit_arithmetic"])

@@ -118,7 +118,7 @@ def test_a_method_calibrated_on_its_own_size_is_built_once_for_both_studies(tiny
     from qkit.studies import task_sensitivity
 
     store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / "model" / tiny.path.name)
+    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
     sizes = {"fp8_static": (2, 32)}
     config = studies.config(model="tiny", methods=["fp8_static", "nvfp4"], samples=4, seq_len=64, calib_sizes=sizes,
                             eval_tokens=512, ctx=256, workers=1)

@@ -31,7 +31,7 @@ from qkit.core import provenance
 from qkit.core.errors import QkitError
 from qkit.core.store import Kind, Store, canonical, write_json_atomic, write_text_atomic
 from qkit.data.request_log import SAMPLE_PROMPTS, check_log, read_log, report_malformed
-from qkit.evaluation import metrics, monitor
+from qkit.evaluation import canary, metrics, monitor
 from qkit.evaluation.monitor import Monitor, worst
 from qkit.evaluation.served import DriftConfig, generate, measure
 from qkit.quant import variants
@@ -43,6 +43,8 @@ from qkit.studies.contract import Summary
 # the per-request scores read so far (bump when served.measure would score a request otherwise).
 REPLAY = Kind("drift_replay", 1)
 STATE = Kind("drift", 1)
+# The upgrade canary run on a change known in advance (the report's demonstration of it).
+UPGRADE_CHECK = Kind("drift_upgrade_check", 1)
 
 # Hashed to tell whether a log was rewritten under the monitor: the first bytes it already read.
 _HEAD_BYTES = 4096
@@ -297,6 +299,30 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     state = update(log, reference, deployment, DriftConfig(batch_size=config.batch_size,
                                                            max_new_tokens=config.max_new_tokens), store)
     return Result(config, Path(log), reference, deployment, state, monitor.monitor(state.results, windows))
+
+
+def upgrade_check(config: Config, dtype: str = "bfloat16", store: Store | None = None) -> canary.CanaryCheck:
+    """The upgrade canary on a change known in advance: a record of the reference model in float32 on the
+    config's prompts, checked with the model loaded in `dtype`. Both runs are deterministic in one
+    environment (a rerun reproduces a record to the bit), so the check is kept in the store, keyed by the
+    model, prompts, settings and hardware (a store key holds the library versions too): a report rerun
+    reads it back instead of spending two minutes generating the same answers again."""
+    store = store or Store()
+    ident = canary.identify(config.model, prompts=config.prompts)
+    settings = canary.CanaryConfig(max_new_tokens=config.max_new_tokens)
+    spec = {**ident.key, "config": asdict(settings), "dtype": dtype, "hardware": provenance.collect()["hardware"]}
+
+    def compute() -> dict:
+        saved = canary.make_record(canary.deployment(ident, store=store), settings)
+        done = canary.check_record(saved, canary.deployment(ident, dtype, store=store))
+        # "split", not records: the JSON is written with sorted keys, and the columns keep their order
+        return {"measures": done.measures.to_dict("split"), "per_prompt": done.per_prompt.to_dict("split"),
+                "changed": done.changed, "thresholds": asdict(done.thresholds)}
+
+    kept = store.get_json(UPGRADE_CHECK, spec, compute)
+    frame = lambda d: pd.DataFrame(d["data"], index=d["index"], columns=d["columns"])  # noqa: E731
+    return canary.CanaryCheck(frame(kept["measures"]), frame(kept["per_prompt"]), kept["changed"],
+                              canary.Thresholds(**kept["thresholds"]))
 
 
 @dataclass
