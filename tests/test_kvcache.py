@@ -46,6 +46,18 @@ def test_planner_equals_the_bytes_real_caches_hold_on_tiny(tiny) -> None:
     assert dyn == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 64 * 4
 
 
+def test_the_measured_bytes_are_kept_in_the_store(tiny, tmp_path, monkeypatch) -> None:
+    import pandas as pd
+
+    from qkit.core.store import Store
+
+    store = Store(tmp_path)
+    first = K.measured_bytes(tiny, [17, 64], store)
+    pd.testing.assert_frame_equal(first, kv.measure_bytes(tiny, lengths=[17, 64]))
+    monkeypatch.setattr(kv, "measure_bytes", lambda *a, **k: pytest.fail("measured again"))
+    pd.testing.assert_frame_equal(K.measured_bytes(tiny, [17, 64], store), first)
+
+
 @pytest.mark.slow
 def test_planner_equals_the_bytes_real_caches_hold_on_the_default_model() -> None:
     from qkit import models

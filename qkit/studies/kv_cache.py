@@ -20,9 +20,10 @@ from qkit.core.provenance import collect as collect_provenance
 from qkit.core.store import Kind, Store
 from qkit.data import CalibSpec
 from qkit.evaluation import final_hidden, head_logits, metrics
-from qkit.plan import memory
+from qkit.plan import kv, memory
 from qkit.plan.kv import check_context, make_cache
 from qkit.quant import methods, variants
+from qkit.quant.kv_runtime import RUNTIME_CACHES
 from qkit.studies import cells, contract, plots
 from qkit.studies import task_sensitivity as sensitivity
 from qkit.studies.contract import Summary
@@ -30,6 +31,8 @@ from qkit.studies.contract import Summary
 # Per-position quality of one scheme (position_stats), and the float model's hidden states it is scored against.
 KV_QUALITY = Kind("kv_quality", 1)
 KV_BASELINE = Kind("kv_baseline", 1)
+# The bytes real caches hold after a prefill, against the planner's: shapes and library code decide them.
+KV_BYTES = Kind("kv_bytes", 1)
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,17 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
             "calibration": inputs.calib.__dict__, "schemes": {s.name: s.title for s in chosen},
             "provenance": collect_provenance()}
     return Result(prof, pd.DataFrame(rows), retrieval, meta)
+
+
+def measured_bytes(loaded: Any, lengths: Sequence[int], store: Store | None = None) -> pd.DataFrame:
+    """:func:`qkit.plan.kv.measure_bytes` (a prefill per length and runtime cache, ~40 s on SmolLM2 up to
+    2,048 tokens), kept in the store: the bytes follow from the model's shapes, the dtype and the cache
+    classes of the library versions the store key holds, so a rerun reads them back."""
+    spec = {"model": loaded.info["fingerprint"], "dtype": loaded.info["dtype"], "lengths": list(lengths),
+            "caches": {name: str(kwargs) for name, kwargs in RUNTIME_CACHES.items()}}
+    # "split", not records: the JSON is written with sorted keys, and the columns keep their order
+    kept = (store or Store()).get_json(KV_BYTES, spec, lambda: kv.measure_bytes(loaded, lengths).to_dict("split"))
+    return pd.DataFrame(kept["data"], index=kept["index"], columns=kept["columns"])
 
 
 @dataclass(frozen=True)
