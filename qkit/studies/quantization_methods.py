@@ -139,7 +139,7 @@ class Calibration:
 
 
 # The methods whose KLD on this study's text barely moves from 4 x 128 calibration tokens to 32 x 512 (SmolLM2,
-# 2 cores; KLD [95% CI] at 32 x 512, then at 4 x 128, seed 0, with the oneshot's seconds):
+# 2 cores; KLD [95% CI] at 32 x 512, then at 4 x 128, seed 0, each with its checkpoint's build seconds):
 #   w4a16_awq   0.170 [0.159, 0.181] 1,620 s  ->  0.180 [0.168, 0.193] 58 s (seed 1: 0.176 [0.166, 0.188])
 #   w8a8_int8   0.0179 [0.0164, 0.0195] 324 s ->  0.0198 [0.0171, 0.0236] 45 s (seed 1: 0.0201 [0.0182, 0.0221])
 #   fp8_static  0.0381 [0.0355, 0.0408] 127 s ->  0.0370 [0.0344, 0.0399] 11 s
