@@ -27,6 +27,20 @@ def _user_tasks_stay_in_their_test():
     tasks.USER_TASKS.update(before)
 
 
+@pytest.fixture
+def store_with_tiny(tiny):
+    """A fresh Store at a given root, seeded with a copy of `tiny` so that it is not trained again."""
+    import shutil
+
+    from qkit.core.store import Store
+
+    def make(root: Path) -> Store:
+        shutil.copytree(tiny.path, Path(root) / tiny.path.parent.name / tiny.path.name)
+        return Store(root)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in tiny model, loaded once for the whole run."""

@@ -108,15 +108,12 @@ def test_bad_grids_fail_before_any_quantization(tiny, tmp_path, monkeypatch, ove
         C.config("huge")
 
 
-def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tmp_path, monkeypatch) -> None:
-    import shutil
-
+def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(store_with_tiny, tmp_path, monkeypatch
+                                                                        ) -> None:
     from qkit import evaluation
-    from qkit.core.store import Store
     from qkit.studies import quantization_methods as studies
 
-    store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)  # do not train `tiny` again
+    store = store_with_tiny(tmp_path)
     built, compared = [], []
     real_build, real_compare = llmcompressor_backend.build, evaluation.compare
     monkeypatch.setattr(llmcompressor_backend, "build", lambda *a: built.append(a[2]) or real_build(*a))
@@ -140,14 +137,10 @@ def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, tm
     assert len(C.cost_table(wider)) == 6
 
 
-def test_parallel_sweep_fills_the_cache_the_serial_one_reads(tiny, tmp_path, monkeypatch) -> None:
-    import shutil
-
-    from qkit.core.store import Store
+def test_parallel_sweep_fills_the_cache_the_serial_one_reads(store_with_tiny, tmp_path, monkeypatch) -> None:
     from qkit.studies import quantization_methods as studies
 
-    store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
+    store = store_with_tiny(tmp_path)
     df = C.run(C.config(GRID, workers=2), store=store).rows
     assert len(set(df["checkpoint"])) == 4 and df["kld_mean"].gt(0).all()
     monkeypatch.setattr(llmcompressor_backend, "build", lambda *a, **k: pytest.fail("quantized again"))

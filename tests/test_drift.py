@@ -323,13 +323,12 @@ def test_replay_without_out_is_kept_in_the_store(tiny, prompts, store, tmp_path,
         drift.replay(tiny, "fp8_dynamic", few, switch_to="w4a16_rtn", switch_at=3, store=store)
 
 
-def test_the_upgrade_check_is_the_canarys_and_a_rerun_reads_it_back(tiny, prompts, tmp_path, monkeypatch):
+def test_the_upgrade_check_is_the_canarys_and_a_rerun_reads_it_back(store_with_tiny, prompts, tmp_path, monkeypatch):
     import pandas as pd
 
     from qkit.evaluation import canary
 
-    store = Store(tmp_path / "store")
-    shutil.copytree(tiny.path, store.root / tiny.path.parent.name / tiny.path.name)  # not trained again
+    store = store_with_tiny(tmp_path / "store")
     few = tmp_path / "few.jsonl"
     few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:6]))
     config = drift.Config(model="tiny", prompts=str(few), max_new_tokens=4)

@@ -113,13 +113,8 @@ def test_bad_input_names_the_problem() -> None:
         memory.get_shape("gpt-9")
 
 
-def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, tmp_path, monkeypatch) -> None:
-    import shutil
-
-    from qkit.core.store import Store
-
-    store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
+def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, store_with_tiny, tmp_path, monkeypatch) -> None:
+    store = store_with_tiny(tmp_path)
     prof = K.Config(("fp8_tensor", "fp8_head", "hqq_int4"), n_tokens=512, n_docs=2, chunk=64,
                     context_lengths=(256,), depths=(1.0,), calib_samples=2, calib_seq_len=64, model="tiny")
     res = K.run(prof, store=store)

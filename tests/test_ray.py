@@ -4,7 +4,6 @@ refused before any cell starts. One `ray.init` for the module: each costs second
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import time
@@ -93,19 +92,15 @@ def test_a_cell_that_no_node_can_run_is_refused_before_any_cell_starts(local_ray
                               [n["Resources"] for n in ray.nodes()])
 
 
-def _store_with_tiny(tiny, root: Path) -> Store:
-    shutil.copytree(tiny.path, root / tiny.path.parent.name / tiny.path.name)  # do not train `tiny` again
-    return Store(root)
-
-
 # Equal numbers need equal torch thread counts (a reduction's order changes its last bits): Ray gives a
 # one-CPU cell one thread, so the local runs here get one too.
 @pytest.mark.slow
-def test_methods_study_through_ray_gives_the_local_tables(local_ray, tiny, tmp_path, one_torch_thread) -> None:
+def test_methods_study_through_ray_gives_the_local_tables(local_ray, store_with_tiny, tmp_path,
+                                                          one_torch_thread) -> None:
     config = M.config("quick", model="tiny", methods=["fp8_dynamic", "w8a8_int8"], samples=4, seq_len=64,
                       eval_tokens=512, ctx=128)
-    here = M.run(config, store=_store_with_tiny(tiny, tmp_path / "local"))
-    there = M.run(M.config(config, executor="ray"), store=_store_with_tiny(tiny, tmp_path / "ray"))
+    here = M.run(config, store=store_with_tiny(tmp_path / "local"))
+    there = M.run(M.config(config, executor="ray"), store=store_with_tiny(tmp_path / "ray"))
     same = lambda r: r.tables()["results"].drop(columns="quantize (s)")  # noqa: E731 - every number but the time
     assert same(here).equals(same(there))
     assert [Path(p).name for p in here.rows["checkpoint"]] == [Path(p).name for p in there.rows["checkpoint"]]
@@ -114,22 +109,23 @@ def test_methods_study_through_ray_gives_the_local_tables(local_ray, tiny, tmp_p
 
 
 @pytest.mark.slow
-def test_calibration_sweep_through_ray_gives_the_local_tables(local_ray, tiny, tmp_path, one_torch_thread) -> None:
+def test_calibration_sweep_through_ray_gives_the_local_tables(local_ray, store_with_tiny, tmp_path,
+                                                              one_torch_thread) -> None:
     grid = C.Config(model="tiny", methods=("fp8_static",), sources=("prose", "chat"), samples=(2,), seq_lens=(32,),
                     seeds=(0, 1), center=(2, 32), eval_tokens=256, ctx=128)
-    here = C.run(C.config(grid, workers=1), store=_store_with_tiny(tiny, tmp_path / "local"))
-    there = C.run(C.config(grid, executor="ray"), store=_store_with_tiny(tiny, tmp_path / "ray"))
+    here = C.run(C.config(grid, workers=1), store=store_with_tiny(tmp_path / "local"))
+    there = C.run(C.config(grid, executor="ray"), store=store_with_tiny(tmp_path / "ray"))
     cols = ["method", "source", "seed", "eval_domain", "kld_mean", "ppl_quant", "top1_pct"]
     assert here.rows[cols].equals(there.rows[cols])
     assert [Path(p).name for p in here.rows["checkpoint"]] == [Path(p).name for p in there.rows["checkpoint"]]
 
 
 @pytest.mark.slow
-def test_report_runs_notebooks_as_ray_tasks_whose_studies_use_the_same_cluster(local_ray, tiny, tmp_path,
+def test_report_runs_notebooks_as_ray_tasks_whose_studies_use_the_same_cluster(local_ray, store_with_tiny, tmp_path,
                                                                                 monkeypatch) -> None:
     from qkit import report
 
-    store = _store_with_tiny(tiny, tmp_path / "cache")
+    store = store_with_tiny(tmp_path / "cache")
     monkeypatch.setenv("QKIT_CACHE", str(store.root))
     params = {"model": "tiny", "methods": ["fp8_dynamic", "w8a8_int8"], "samples": 4, "seq_len": 64,
               "eval_tokens": 512, "ctx": 128}

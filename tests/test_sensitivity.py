@@ -1,8 +1,6 @@
 """Task-sensitivity analysis on hand-made results with known answers, and the cached run on `tiny`."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -173,10 +171,8 @@ TINY_PROFILE = S.Config(max_items=2, context_lengths=(256,), depths=(0.0, 1.0), 
                         max_gen_toks=8, batch_size=2, model="tiny", methods=("fp8_dynamic",), workers=1)
 
 
-def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, monkeypatch) -> None:
-    store = Store(tmp_path)
-    # A fresh store for the results, seeded with the tiny model so that it is not trained again.
-    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
+def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, store_with_tiny, tmp_path, monkeypatch) -> None:
+    store = store_with_tiny(tmp_path)  # a fresh store for the results
     calls = []
     real = tasks.evaluate
 
@@ -212,12 +208,8 @@ def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_cells_in_worker_processes_give_the_same_items_and_a_warm_rerun_starts_none(tiny, tmp_path, monkeypatch
-                                                                                    ) -> None:
-    def store_with_tiny(root):
-        shutil.copytree(tiny.path, root / tiny.path.parent.name / tiny.path.name)  # not trained again
-        return Store(root)
-
+def test_cells_in_worker_processes_give_the_same_items_and_a_warm_rerun_starts_none(store_with_tiny, tmp_path,
+                                                                                    monkeypatch) -> None:
     config = S.config(TINY_PROFILE, methods=["fp8_dynamic", "w4a16_rtn"], tasks=["qkit_arithmetic"])
     here = S.run(config, store=store_with_tiny(tmp_path / "here"))
     pooled_store = store_with_tiny(tmp_path / "pooled")

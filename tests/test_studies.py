@@ -111,14 +111,10 @@ def test_the_task_study_calibrates_its_methods_as_the_methods_study_does() -> No
         assert tasks.calib_for(name) == methods.calib_for(name), name
 
 
-def test_a_method_calibrated_on_its_own_size_is_built_once_for_both_studies(tiny, tmp_path) -> None:
-    import shutil
-
-    from qkit.core.store import Store
+def test_a_method_calibrated_on_its_own_size_is_built_once_for_both_studies(store_with_tiny, tmp_path) -> None:
     from qkit.studies import task_sensitivity
 
-    store = Store(tmp_path)
-    shutil.copytree(tiny.path, tmp_path / tiny.path.parent.name / tiny.path.name)
+    store = store_with_tiny(tmp_path)
     sizes = {"fp8_static": (2, 32)}
     config = studies.config(model="tiny", methods=["fp8_static", "nvfp4"], samples=4, seq_len=64, calib_sizes=sizes,
                             eval_tokens=512, ctx=256, workers=1)
