@@ -5,7 +5,7 @@ method quantizes and every baseline runs. Warm: the same command again in that c
 back. Per notebook, from the report index. Targets: cold <= 20 min, warm <= 60 s (on 2 idle cores).
 Run it alone on the machine: other work on the cores lengthens every figure.
 
-    python benchmarks/report_wall_time.py [NOTEBOOK ...] [--keep DIR] [-p key=value ...]
+    python benchmarks/report_wall_time.py [NOTEBOOK ...] [--keep DIR] [-p key=value ...] [--jobs N]
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(clone: Path, cache: Path, notebooks: list[str], params: list[str]) -> tuple[float, dict[str, dict]]:
+def run(clone: Path, cache: Path, notebooks: list[str], params: list[str], jobs: int) -> tuple[float, dict[str, dict]]:
     cmd = [sys.executable, "-c", "import sys; from qkit.cli.main import main; sys.exit(main())", "report",
-           *notebooks]
+           "--jobs", str(jobs), *notebooks]
     for p in params:
         cmd += ["-p", p]
     started = time.perf_counter()
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("notebooks", nargs="*", help="notebooks to run (default: all, as `make report`)")
     ap.add_argument("--keep", type=Path, help="clone and cache here, and leave them (default: a temp dir)")
     ap.add_argument("-p", "--param", action="append", default=[], help="notebook parameter, e.g. model=tiny")
+    ap.add_argument("--jobs", type=int, default=1, help="notebooks at once, as `qkit report --jobs` (default 1)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -47,10 +48,10 @@ def main() -> None:
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        cold, cold_index = run(clone, cache, args.notebooks, args.param)
-        warm, warm_index = run(clone, cache, args.notebooks, args.param)
+        cold, cold_index = run(clone, cache, args.notebooks, args.param, args.jobs)
+        warm, warm_index = run(clone, cache, args.notebooks, args.param, args.jobs)
     print(f"qkit report {' '.join(args.notebooks) or '(all)'} at {commit}, {os.cpu_count()} cores, "
-          f"params {args.param or 'defaults'}")
+          f"params {args.param or 'defaults'}, --jobs {args.jobs}")
     print(f"  {'notebook':32s} {'cold s':>9s} {'warm s':>9s}  status")
     for name, record in cold_index.items():
         again = warm_index.get(name, {})

@@ -361,3 +361,18 @@ def test_sample_log_parses_and_its_code_request_is_checked_in_the_sandbox():
     assert serving.score(code, code.completion) == 1.0
     assert serving.score(code, "    return a - b\n") == 0.0
     assert len(request_log.read_log(request_log.SAMPLE_PROMPTS).requests) == 64
+
+
+def test_side_by_side_shows_the_references_greedy_answers_and_a_rerun_reads_them_back(
+        tiny, served, switched_log, store, monkeypatch):
+    from qkit.evaluation.served import generate
+
+    mon = monitor.monitor(drift.update(switched_log, tiny, served, CONFIG, store).results, MONITOR)
+    first = drift.side_by_side(switched_log, mon, tiny, n=3, max_new_tokens=NEW_TOKENS, store=store)
+    prompts = [json.loads(line)["prompt"] for line in switched_log.read_text().splitlines()]
+    direct = generate(tiny.model, tiny.tokenizer, [prompts[int(i) - 1] for i in first["line"]], NEW_TOKENS,
+                      context=tiny.info["max_length"])
+    assert list(first["reference"]) == [a for a, _ in direct] and len(first) == 3
+    monkeypatch.setattr(drift, "generate", lambda *a, **k: pytest.fail("the reference generated again"))
+    again = drift.side_by_side(switched_log, mon, tiny, n=3, max_new_tokens=NEW_TOKENS, store=store)
+    assert again.equals(first)

@@ -114,7 +114,7 @@ class _SpyStore(Store):
 
 
 def _fake_loaded(max_length: int = 2048) -> LoadedModel:
-    return LoadedModel(model=None, tokenizer=None, spec="fake", path=None,
+    return LoadedModel(spec="fake", path=None,
                        info={"fingerprint": "fake:0", "max_length": max_length})
 
 

@@ -158,3 +158,15 @@ def test_panel_is_a_widget_in_jupyterlab_and_a_note_in_a_report(monkeypatch):
     monkeypatch.setenv("QKIT_REPORT", "1")
     note = panel(lambda n: seen.append(n), n=widgets.IntSlider(value=3))
     assert "JupyterLab" in note.data and seen == [3, 5]  # no widget, nothing run
+
+
+def test_notebooks_run_two_at_a_time_give_the_same_reports(run, tmp_path):
+    _, one_by_one = run
+    records = {r["name"]: r for r in run_report(None, PARAMS, tmp_path, notebooks_dir=NOTEBOOKS, jobs=2)}
+    assert list(records) == list(one_by_one)  # in the notebooks' order, whichever finished first
+    for name, r in records.items():
+        assert (r["status"], r["error"]) == (one_by_one[name]["status"], one_by_one[name]["error"])
+        assert (tmp_path / r["html"]).is_file()
+    assert "Injected Title" in (tmp_path / "table_plot.html").read_text()
+    with pytest.raises(QkitError, match="jobs must be a whole number"):
+        run_report(None, PARAMS, tmp_path, notebooks_dir=NOTEBOOKS, jobs=0)

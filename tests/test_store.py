@@ -1,8 +1,10 @@
 import json
 import os
+import time
 
 import pytest
 
+from qkit.core import store as store_module
 from qkit.core.errors import QkitError
 from qkit.core.store import BUILDING, MANIFEST, Kind, Store, write_json_atomic
 
@@ -61,16 +63,26 @@ def test_every_cached_kind_is_declared_once_by_name():
     assert {name: kinds for name, kinds in by_name.items() if len(kinds) > 1} == {}
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "manifest"])
-def test_damaged_entry_is_rebuilt_not_used(store, damage):
+@pytest.mark.parametrize("stamped", [False, True], ids=["fresh", "stamped"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "flip_same_mtime", "delete", "extra", "manifest"])
+def test_damaged_entry_is_rebuilt_not_used(store, damage, stamped, monkeypatch):
     calls = []
     path = store.get_dir(CKPT, {"m": 1}, _builder(calls))
+    if stamped:  # another process verified it and stamped it; this one finds the stamp
+        monkeypatch.setattr(store_module, "_STAMP_AGE_NS", 0)
+        Store._verified.clear()
+        assert Store.verify(path) and store_module._read_stamp(path)
+        time.sleep(0.05)  # past the filesystem's timestamp tick, as any later damage is
     Store._verified.clear()
     f = path / "model.bin"
     if damage == "truncate":
         f.write_bytes(b"wei")
     elif damage == "flip":
         f.write_bytes(b"weightz")
+    elif damage == "flip_same_mtime":  # as a copy that preserves times would leave it
+        before = f.stat()
+        f.write_bytes(b"weightz")
+        os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
     elif damage == "delete":
         f.unlink()
     elif damage == "extra":
@@ -80,6 +92,20 @@ def test_damaged_entry_is_rebuilt_not_used(store, damage):
     assert store.lookup(CKPT, {"m": 1}) is None
     path = store.get_dir(CKPT, {"m": 1}, _builder(calls))
     assert len(calls) == 2 and (path / "model.bin").read_bytes() == b"weights"
+
+
+def test_a_stamped_entry_is_not_hashed_again_by_the_next_process(store, monkeypatch):
+    path = store.get_dir(CKPT, {"m": 1}, _builder([]))
+    Store._verified.clear()
+    assert Store.verify(path) and store_module._read_stamp(path) is None  # files this young: no stamp
+
+    monkeypatch.setattr(store_module, "_STAMP_AGE_NS", 0)
+    Store._verified.clear()
+    assert Store.verify(path) and store_module._read_stamp(path)
+    hashed = []
+    monkeypatch.setattr(store_module, "_sha256", lambda f: hashed.append(f) or "")
+    Store._verified.clear()
+    assert Store.verify(path) and hashed == []
 
 
 def test_failed_build_leaves_nothing_that_looks_complete(store):

@@ -133,6 +133,24 @@ def test_a_method_calibrated_on_its_own_size_is_built_once_for_both_studies(stor
     assert scored.meta["checkpoints"]["fp8_static"] == res.rows.set_index("method").loc["fp8_static", "checkpoint"]
 
 
+def test_a_rerun_whose_results_are_all_stored_loads_no_weights(store_with_tiny, tmp_path, monkeypatch) -> None:
+    from qkit.models import loader
+    from qkit.quant import methods
+
+    store = store_with_tiny(tmp_path)
+    config = studies.config(model="tiny", methods=["fp8_dynamic", "w4a16_rtn"], eval_tokens=512, ctx=256, workers=1)
+    first = studies.run(config, store=store)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a warm rerun loaded weights")
+
+    monkeypatch.setattr(loader, "load_pretrained", refuse)
+    monkeypatch.setattr(methods, "load_quantized", refuse)
+    again = studies.run(config, store=store)
+    same = [c for c in first.rows.columns if c != "seconds"]
+    assert again.rows[same].equals(first.rows[same])
+
+
 def test_the_findings_say_which_methods_calibrated_on_a_size_of_their_own() -> None:
     config = studies.config("quick")
     (line,) = studies.calibration_findings(config, ["w4a16_rtn", "w4a16_awq", "w4a16_gptq", "fp8_static"])

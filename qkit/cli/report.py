@@ -10,7 +10,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from qkit.report import run_report
 
     records = run_report(args.notebooks or None, dict(args.param), args.out, executor=args.executor,
-                         ray_address=args.ray_address)
+                         ray_address=args.ray_address, jobs=args.jobs)
     return 1 if any(r["status"] != "ok" for r in records) else 0
 
 
@@ -24,5 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="ray: run the notebooks, and their studies' cells, as Ray tasks in parallel (default local)")
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help="the Ray cluster's head (`ray start --head` prints it); default: a local Ray instance")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="notebooks run at once with the local executor, each in its own kernel (default 1)")
     p.set_defaults(func=cmd_report)
 

@@ -38,9 +38,9 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bf16_bytes(model: torch.nn.Module) -> int:
-    """Size of the model's weights in bf16, the reference for compression ratios."""
-    return 2 * n_params(model)
+def bf16_bytes(n_params: int) -> int:
+    """Size of a model of `n_params` unique parameters in bf16, the reference for compression ratios."""
+    return 2 * n_params
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -67,14 +67,19 @@ def quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def check_tokenizer_files(path: Path) -> None:
+    """QkitError unless `path` holds a tokenizer."""
+    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        raise QkitError(f"{path} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})",
+                        "save the tokenizer there too: tokenizer.save_pretrained(DIR)")
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved beside a model in a local directory."""
     from transformers import AutoTokenizer
 
     path = Path(path).expanduser()
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise QkitError(f"{path} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})",
-                        "save the tokenizer there too: tokenizer.save_pretrained(DIR)")
+    check_tokenizer_files(path)
     with quiet():
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 

@@ -56,7 +56,7 @@ def quantize(loaded: models.LoadedModel, method: Method | str, *, calib: CalibSp
     meta = Store.manifest(path)["meta"]
     return Checkpoint(path=path, method=method, size_bytes=meta["size_bytes"],
                       bf16_run_bytes=meta["bf16_run_bytes"], seconds=meta["seconds"],
-                      bf16_bytes=models.bf16_bytes(loaded.model), meta=meta)
+                      bf16_bytes=models.bf16_bytes(loaded.info["n_params"]), meta=meta)
 
 
 def checkpoint_spec(loaded: models.LoadedModel, method: Method | str, calib: CalibSpec | None = None) -> dict:

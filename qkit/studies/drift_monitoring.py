@@ -45,6 +45,7 @@ REPLAY = Kind("drift_replay", 1)
 STATE = Kind("drift", 1)
 # The upgrade canary run on a change known in advance (the report's demonstration of it).
 UPGRADE_CHECK = Kind("drift_upgrade_check", 1)
+REFERENCE_ANSWERS = Kind("drift_reference_answers", 1)
 
 # Hashed to tell whether a log was rewritten under the monitor: the first bytes it already read.
 _HEAD_BYTES = 4096
@@ -174,17 +175,23 @@ def write_alerts(result: Check, state: DriftState, path: str | Path) -> None:
 
 
 def side_by_side(log: str | Path, mon: Monitor, reference: models.LoadedModel, n: int = 5, by: str = "served_top1",
-                 max_new_tokens: int = DriftConfig.max_new_tokens) -> pd.DataFrame:
+                 max_new_tokens: int = DriftConfig.max_new_tokens, store: Store | None = None) -> pd.DataFrame:
     """The `n` worst requests by `by`: the served completion beside the reference's own greedy answer to
-    the same prompt (generated now, `max_new_tokens` long)."""
+    the same prompt (`max_new_tokens` long). Greedy answers are deterministic in one environment, so they
+    are kept in the store, keyed by the model, the prompts, the length and the hardware: a report rerun
+    reads them back instead of loading the model and generating (~10 s on SmolLM2)."""
     rows = worst(mon, n, by)
     prompts = [json.loads(line)["prompt"] for line in _lines(Path(log), [int(x) for x in rows["line"]])]
-    answers = generate(reference.model, reference.tokenizer, prompts, max_new_tokens, desc="reference answers",
-                       context=reference.info["max_length"])
+    spec = {"model": reference.info["fingerprint"], "dtype": reference.info["dtype"],
+            "prompts": hashlib.sha256(canonical(prompts).encode()).hexdigest(), "max_new_tokens": max_new_tokens,
+            "hardware": provenance.collect()["hardware"]}
+    answers = (store or Store()).get_json(REFERENCE_ANSWERS, spec, lambda: [
+        a for a, _ in generate(reference.model, reference.tokenizer, prompts, max_new_tokens,
+                               desc="reference answers", context=reference.info["max_length"])])
     return pd.DataFrame({"line": rows["line"].to_numpy(), "tag": rows["tag"].to_numpy(),
                          "window": rows["window"].to_numpy(), by: rows[by].round(3).to_numpy(),
                          "kld": rows["kld"].to_numpy(), "prompt (end)": [p[-160:] for p in prompts],
-                         "served": rows["completion"].to_numpy(), "reference": [a for a, _ in answers]})
+                         "served": rows["completion"].to_numpy(), "reference": answers})
 
 
 def replay(reference: models.LoadedModel, serve: str, prompts: str | Path | None = None, out: str | Path | None = None,
@@ -298,7 +305,8 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     deployment = variants.parse(reference, config.method, store=store)
     state = update(log, reference, deployment, DriftConfig(batch_size=config.batch_size,
                                                            max_new_tokens=config.max_new_tokens), store)
-    return Result(config, Path(log), reference, deployment, state, monitor.monitor(state.results, windows))
+    return Result(config, Path(log), reference, deployment, state, monitor.monitor(state.results, windows),
+                  store or Store())
 
 
 def upgrade_check(config: Config, dtype: str = "bfloat16", store: Store | None = None) -> canary.CanaryCheck:
@@ -332,6 +340,7 @@ class Result:
     deployment: Variant
     state: DriftState
     mon: monitor.Monitor
+    store: Store = field(default_factory=Store, repr=False)
 
     def describe(self) -> str:
         s = self.state
@@ -361,7 +370,8 @@ class Result:
         return out
 
     def side_by_side(self, n: int = 5) -> pd.DataFrame:
-        return side_by_side(self.log, self.mon, self.reference, n=n, max_new_tokens=self.config.max_new_tokens)
+        return side_by_side(self.log, self.mon, self.reference, n=n, max_new_tokens=self.config.max_new_tokens,
+                            store=self.store)
 
     def findings(self) -> list[str]:
         return ([f"- {line}" for line in monitor.alert_lines(self.mon.events)] or ["No alert."]) + [

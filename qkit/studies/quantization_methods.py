@@ -76,7 +76,7 @@ def evaluate(loaded: models.LoadedModel, variant: variants.Variant, eval_spec: E
 def describe(loaded: models.LoadedModel, variant: variants.Variant) -> dict:
     """What a variant is and costs: its method's format and bits (a registry method), its size on disk read
     from its files, and the time and memory its build took."""
-    bf16 = models.bf16_bytes(loaded.model)
+    bf16 = models.bf16_bytes(loaded.info["n_params"])
     ckpt = variant.checkpoint
     if ckpt is None:  # a checkpoint made elsewhere: what it is and weighs is read from its files
         path = Path(variant.info["path"])
