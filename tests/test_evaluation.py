@@ -131,7 +131,7 @@ def test_compare_equals_float64_on_each_models_own_logits(tiny, perturbed, tmp_p
 
 
 def test_baseline_is_computed_once_and_text_tokenized_once_per_call(tiny, perturbed, tmp_path, monkeypatch):
-    loaded = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model))  # a hook of its own
+    loaded = dataclasses.replace(tiny, _model=copy.deepcopy(tiny.model))  # a hook of its own
     baseline_forwards = count_forwards(loaded.model)
     tokenizations = [0]
     eval_tokens = data.eval_tokens
@@ -163,7 +163,7 @@ def test_a_model_whose_logits_cannot_be_rebuilt_is_refused(tiny, tmp_path):
     model = copy.deepcopy(tiny.model)
     model.config.final_logit_softcapping = 2.0  # head_logits applies it; LlamaForCausalLM does not
     with pytest.raises(QkitError, match="cannot rebuild this model's logits"):
-        E.baseline(dataclasses.replace(tiny, model=model), SPEC, Store(tmp_path))
+        E.baseline(dataclasses.replace(tiny, _model=model), SPEC, Store(tmp_path))
     assert not (tmp_path / "baseline").exists() or not any((tmp_path / "baseline").iterdir())
 
 

@@ -43,6 +43,16 @@ def test_notebook_n_calls_study_n_and_publishes_it(notebook: str, module: str) -
     assert "study.run(config)" in code and code.rstrip().endswith("publish(result)")
 
 
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebooks_are_committed_valid_and_without_outputs(path: Path) -> None:
+    import nbformat
+
+    nb = json.loads(path.read_text())
+    nbformat.validate(nb)
+    assert all("id" in c for c in nb["cells"])  # nbformat warns on every run about a cell without one
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
+
+
 def test_every_study_notebook_is_registered() -> None:
     studies = {p.stem for p in NOTEBOOKS.glob("*.ipynb")} - {"00_choose_a_method"}  # the advisor plans, it runs no study
     assert studies == set(STUDIES)
