@@ -170,3 +170,14 @@ def test_notebooks_run_two_at_a_time_give_the_same_reports(run, tmp_path):
     assert "Injected Title" in (tmp_path / "table_plot.html").read_text()
     with pytest.raises(QkitError, match="jobs must be a whole number"):
         run_report(None, PARAMS, tmp_path, notebooks_dir=NOTEBOOKS, jobs=0)
+
+
+def test_kernels_run_at_once_share_the_cores_torch_threads(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import torch; print(torch.get_num_threads())")])
+    threads = {}
+    for jobs in (1, 2):
+        path = tmp_path / f"threads{jobs}.ipynb"
+        nbformat.write(nb, path)
+        run_report([path], out_dir=tmp_path / f"out{jobs}", jobs=jobs)
+        threads[jobs] = int(outputs(tmp_path / f"out{jobs}" / path.name)[0]["text"])
+    assert threads[2] == max(1, threads[1] // 2)

@@ -65,14 +65,14 @@ def test_every_cached_kind_is_declared_once_by_name():
 
 @pytest.mark.parametrize("stamped", [False, True], ids=["fresh", "stamped"])
 @pytest.mark.parametrize("damage", ["truncate", "flip", "flip_same_mtime", "delete", "extra", "manifest"])
-def test_damaged_entry_is_rebuilt_not_used(store, damage, stamped, monkeypatch):
+def test_damaged_entry_is_rebuilt_not_used(store, damage, stamped):
     calls = []
     path = store.get_dir(CKPT, {"m": 1}, _builder(calls))
-    if stamped:  # another process verified it and stamped it; this one finds the stamp
-        monkeypatch.setattr(store_module, "_STAMP_AGE_NS", 0)
-        Store._verified.clear()
-        assert Store.verify(path) and store_module._read_stamp(path)
+    if stamped:  # its builder stamped it; this process finds the stamp
+        assert store_module._read_stamp(path)
         time.sleep(0.05)  # past the filesystem's timestamp tick, as any later damage is
+    else:
+        store_module._stamp_path(path).unlink()
     Store._verified.clear()
     f = path / "model.bin"
     if damage == "truncate":
@@ -96,8 +96,10 @@ def test_damaged_entry_is_rebuilt_not_used(store, damage, stamped, monkeypatch):
 
 def test_a_stamped_entry_is_not_hashed_again_by_the_next_process(store, monkeypatch):
     path = store.get_dir(CKPT, {"m": 1}, _builder([]))
+    assert store_module._read_stamp(path)  # stamped by its builder
+    store_module._stamp_path(path).unlink()
     Store._verified.clear()
-    assert Store.verify(path) and store_module._read_stamp(path) is None  # files this young: no stamp
+    assert Store.verify(path) and store_module._read_stamp(path) is None  # a reader: files this young, no stamp
 
     monkeypatch.setattr(store_module, "_STAMP_AGE_NS", 0)
     Store._verified.clear()
