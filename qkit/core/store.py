@@ -137,13 +137,12 @@ class Store:
             files = manifest["files"]
         except (OSError, ValueError, KeyError):
             return False
-        present = {str(p.relative_to(path)): p for p in path.rglob("*") if p.is_file()}
-        if set(present) != set(files) | {MANIFEST}:
+        stats = _stats(path)
+        if set(stats) != set(files) | {MANIFEST}:
             return False
-        stats = {rel: _stat_id(f.stat()) for rel, f in present.items()}
         if _read_stamp(path) != stats:
             for rel, (size, digest) in files.items():
-                if stats[rel][0] != size or _sha256(present[rel]) != digest:
+                if stats[rel][0] != size or _sha256(path / rel) != digest:
                     return False
             if max(max(s[1], s[2]) for s in stats.values()) <= time.time_ns() - _STAMP_AGE_NS:
                 _write_stamp(path, stats)
@@ -194,8 +193,7 @@ class Store:
                 # The builder has just hashed these files and nobody else writes them, so it may stamp
                 # them young. Otherwise the first warm run after a cold one hashes every entry: at --jobs 2
                 # that run took 74 s for the whole suite and the runs after it 48 s.
-                _write_stamp(final, {str(p.relative_to(final)): _stat_id(p.stat())
-                                     for p in final.rglob("*") if p.is_file()})
+                _write_stamp(final, _stats(final))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -315,8 +313,10 @@ def _lock(entry: Path) -> FileLock:
     return FileLock(_lock_path(entry), on_acquired=holder)
 
 
-def _stat_id(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+def _stats(entry: Path) -> dict[str, list[int]]:
+    """Each file of the entry (its manifest included) by relative path: size, mtime, ctime, inode."""
+    return {str(p.relative_to(entry)): [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            for p in entry.rglob("*") if p.is_file() and (st := p.stat())}
 
 
 # A file changed within the filesystem's timestamp tick of being stamped could keep its stat; a reader does

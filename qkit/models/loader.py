@@ -57,6 +57,7 @@ class LoadedModel:
     trust_remote_code: bool = False
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
+    _config: Any = field(default=None, repr=False)
 
     @property
     def model(self) -> Any:
@@ -77,13 +78,13 @@ class LoadedModel:
         """The model's transformers config, read without loading the weights."""
         if self._model is not None:
             return self._model.config
-        if "_config" not in self.__dict__:
+        if self._config is None:
             from transformers import AutoConfig
 
             with quiet():
-                self.__dict__["_config"] = AutoConfig.from_pretrained(
-                    self.path, trust_remote_code=self.trust_remote_code, local_files_only=True)
-        return self.__dict__["_config"]
+                self._config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code,
+                                                          local_files_only=True)
+        return self._config
 
 
 # What resolve_model reports about a model that only its weights tell (the unique parameter count); kept in
