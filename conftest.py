@@ -41,6 +41,24 @@ def store_with_tiny(tiny):
     return make
 
 
+@pytest.fixture
+def refuse_loading(monkeypatch):
+    """Call it, and from then on loading weights or a tokenizer fails the test (until the test ends, or the
+    `monkeypatch.context()` passed as `patch` closes): for reruns whose results are all in the store, which
+    should load neither."""
+    def refuse_from_now_on(patch=monkeypatch) -> None:
+        from qkit.models import loader
+        from qkit.quant import methods
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a rerun whose results are all stored loaded weights or a tokenizer")
+
+        for module, name in ((loader, "load_pretrained"), (loader, "load_tokenizer"), (methods, "load_quantized")):
+            patch.setattr(module, name, refuse)
+
+    return refuse_from_now_on
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in tiny model, loaded once for the whole run."""

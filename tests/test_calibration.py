@@ -108,8 +108,8 @@ def test_bad_grids_fail_before_any_quantization(tiny, tmp_path, monkeypatch, ove
         C.config("huge")
 
 
-def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(store_with_tiny, tmp_path, monkeypatch
-                                                                        ) -> None:
+def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(tiny, store_with_tiny, tmp_path, monkeypatch,
+                                                                        refuse_loading) -> None:
     from qkit import evaluation
     from qkit.studies import quantization_methods as studies
 
@@ -124,10 +124,20 @@ def test_sweep_caches_every_cell_and_extends_by_computing_only_new_ones(store_wi
     assert len(df) == 12 and set(df["eval_domain"]) == {"prose", "chat", "code"}
     assert (df["in_domain"] == (df["source"] == df["eval_domain"])).all()
     built.clear(), compared.clear()
-    again = C.run(C.config(GRID, workers=1), store=store).rows
+    with monkeypatch.context() as warm:
+        warm.setattr(C.diagnostics, "inspect", lambda *a, **k: pytest.fail("diagnosed again"))
+        refuse_loading(warm)
+        rerun = C.run(C.config(GRID, workers=1), store=store)
+    again = rerun.rows
     assert built == [] and compared == []
     cols = ["method", "source", "seed", "eval_domain", "kld_mean"]
     assert again[cols].equals(df[cols])
+    # The kept diagnostics are the direct ones, their dicts in the same order.
+    grid = C.config(GRID)
+    direct = diagnostics.inspect("prose", *grid.center, tokenizer=tiny.tokenizer, methods=grid.methods,
+                                 eval_texts=grid.eval_texts)
+    assert rerun.sets["prose"] == direct
+    assert list(rerun.sets["prose"].summary()) == list(direct.summary())
     wider = C.run(C.config(GRID, seeds=[0, 1, 2], workers=1), store=store).rows
     assert [c.seed for c in built] == [2, 2] and len(compared) == 6 and len(wider) == 18
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -113,7 +114,8 @@ def test_bad_input_names_the_problem() -> None:
         memory.get_shape("gpt-9")
 
 
-def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, store_with_tiny, tmp_path, monkeypatch) -> None:
+def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, store_with_tiny, tmp_path, monkeypatch,
+                                                        refuse_loading) -> None:
     store = store_with_tiny(tmp_path)
     prof = K.Config(("fp8_tensor", "fp8_head", "hqq_int4"), n_tokens=512, n_docs=2, chunk=64,
                     context_lengths=(256,), depths=(1.0,), calib_samples=2, calib_seq_len=64, model="tiny")
@@ -134,8 +136,10 @@ def test_quality_on_tiny_is_cached_and_compares_schemes(tiny, store_with_tiny, t
     assert len(K.findings(res)) == 5
 
     monkeypatch.setattr(K, "position_stats", lambda *a, **k: pytest.fail("recomputed"))
+    refuse_loading()
     again = K.run(prof, store=store)
     assert again.blocks["kld"].equals(res.blocks["kld"])
+    pd.testing.assert_frame_equal(again.retrieval, res.retrieval)
 
 
 def test_runtime_cache_schemes_generate_with_the_quantized_cache(tiny) -> None:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -55,7 +56,7 @@ def test_the_knapsack_on_a_known_case_and_its_errors() -> None:
 
 
 def test_units_and_unit_errors(tiny) -> None:
-    every = mixed.units(tiny.model, ("layers", "types", "modules"))
+    every = mixed.units(mixed.linear_shapes(tiny.model), ("layers", "types", "modules"))
     layers = [u for u in every if u.startswith("layer ")]
     types = [u for u in every if u.startswith("type ")]
     modules = [u for u in every if "." in u]
@@ -63,7 +64,7 @@ def test_units_and_unit_errors(tiny) -> None:
     assert sorted(every["type v_proj"]) == sorted(m for m in modules if m.endswith("v_proj"))
     assert not any("lm_head" in m for m in modules)
     with pytest.raises(QkitError, match=r"no unit 'type w_proj'.*Fix: name 'layer N'.*down_proj"):
-        mixed.select(tiny.model, ["type w_proj"])
+        mixed.select(list(mixed.linear_shapes(tiny.model)), ["type w_proj"])
 
 
 def test_formats_that_cannot_be_applied_per_module_are_refused() -> None:
@@ -108,7 +109,7 @@ TINY = {"model": "tiny", "units": ["types"], "reverse": [], "texts": ["prose"], 
 
 
 @pytest.mark.slow
-def test_the_study_on_tiny_its_recipe_round_trips_and_unit_klds_add_up(tiny, monkeypatch) -> None:
+def test_the_study_on_tiny_its_recipe_round_trips_and_unit_klds_add_up(tiny, monkeypatch, refuse_loading) -> None:
     from compressed_tensors.quantization import QuantizationConfig
 
     store = Store()
@@ -142,8 +143,10 @@ def test_the_study_on_tiny_its_recipe_round_trips_and_unit_klds_add_up(tiny, mon
 
     monkeypatch.setattr(L, "compare", never)
     monkeypatch.setattr(quantization_methods, "compare", never)
+    refuse_loading()
     again = L.run(cfg, store=store)
     assert again.scan.drop(columns="chunk_kld").equals(res.scan.drop(columns="chunk_kld"))
+    pd.testing.assert_frame_equal(again.sizes, res.sizes)
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -106,6 +106,34 @@ def test_local_dir_round_trip(tiny, tmp_path):
     assert {p.name for p in (tmp_path / "store").glob("*") if not p.name.startswith(".")} == {"model_facts"}
 
 
+_RESOLVE_AND_LIST_IMPORTS = """
+import sys
+from qkit.core.store import Store
+from qkit.models import resolve_model
+loaded = resolve_model(sys.argv[1], store=Store(sys.argv[2]))
+print(loaded.info["n_params"], loaded.info["max_length"])
+print(" ".join(m for m in sys.modules if m.startswith("transformers.models")))
+"""
+
+
+def test_a_known_model_resolves_without_transformers_model_code(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    path = _save(tiny, tmp_path / "copy")
+
+    def resolve() -> tuple[str, str]:
+        out = subprocess.run([sys.executable, "-c", _RESOLVE_AND_LIST_IMPORTS, str(path), str(tmp_path / "store")],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        return out[0], out[1] if len(out) > 1 else ""
+
+    first_facts, first_imports = resolve()  # loads the weights once for the facts
+    facts, imports = resolve()
+    assert first_facts == facts == f"{tiny.info['n_params']} {tiny.info['max_length']}"
+    assert "configuration_auto" in first_imports
+    assert imports == "", imports
+
+
 def test_resolve_bf16(tiny, tmp_path):
     loaded = resolve_model(str(_save(tiny, tmp_path / "m")), dtype="bfloat16")
     assert loaded.model.dtype == torch.bfloat16 and loaded.info["dtype"] == "bfloat16"

@@ -171,10 +171,11 @@ TINY_PROFILE = S.Config(max_items=2, context_lengths=(256,), depths=(0.0, 1.0), 
                         max_gen_toks=8, batch_size=2, model="tiny", methods=("fp8_dynamic",), workers=1)
 
 
-def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, store_with_tiny, tmp_path, monkeypatch) -> None:
+def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, store_with_tiny, tmp_path, monkeypatch,
+                                                              refuse_loading) -> None:
     store = store_with_tiny(tmp_path)  # a fresh store for the results
     calls = []
-    real = tasks.evaluate
+    real, real_items = tasks.evaluate, tasks.load_items
 
     def counting(model, tokenizer, task, indices, **kw):
         calls.append((task.name, tuple(indices)))
@@ -193,7 +194,11 @@ def test_run_on_tiny_caches_per_item_and_reuses_the_baseline(tiny, store_with_ti
     assert cached.mean() == pytest.approx(aggregate)
 
     calls.clear()
-    again = S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=names), store=store)
+    with monkeypatch.context() as warm:
+        warm.setattr(tasks, "load_items", lambda task, *a, **k: pytest.fail(f"made {task.name}'s items again")
+                     if task.needs_tokenizer else real_items(task, *a, **k))
+        refuse_loading(warm)
+        again = S.run(S.config(TINY_PROFILE, methods=["fp8_dynamic"], tasks=names), store=store)
     assert calls == []
     pd.testing.assert_frame_equal(again.items, res.items)
 

@@ -133,19 +133,11 @@ def test_a_method_calibrated_on_its_own_size_is_built_once_for_both_studies(stor
     assert scored.meta["checkpoints"]["fp8_static"] == res.rows.set_index("method").loc["fp8_static", "checkpoint"]
 
 
-def test_a_rerun_whose_results_are_all_stored_loads_no_weights(store_with_tiny, tmp_path, monkeypatch) -> None:
-    from qkit.models import loader
-    from qkit.quant import methods
-
+def test_a_rerun_whose_results_are_all_stored_loads_no_weights(store_with_tiny, tmp_path, refuse_loading) -> None:
     store = store_with_tiny(tmp_path)
     config = studies.config(model="tiny", methods=["fp8_dynamic", "w4a16_rtn"], eval_tokens=512, ctx=256, workers=1)
     first = studies.run(config, store=store)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a warm rerun loaded weights")
-
-    monkeypatch.setattr(loader, "load_pretrained", refuse)
-    monkeypatch.setattr(methods, "load_quantized", refuse)
+    refuse_loading()
     again = studies.run(config, store=store)
     same = [c for c in first.rows.columns if c != "seconds"]
     assert again.rows[same].equals(first.rows[same])

@@ -20,6 +20,7 @@ inputs per layer).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import re
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class LoadedModel:
     info: dict
     dtype: torch.dtype = torch.float32
     trust_remote_code: bool = False
+    # The transformers config as a dict (its to_dict(), defaults filled in), kept in the store's facts, so
+    # that reading a shape imports no transformers model code.
+    config_dict: dict = field(default_factory=dict, repr=False)
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
     _config: Any = field(default=None, repr=False)
@@ -87,9 +91,12 @@ class LoadedModel:
         return self._config
 
 
-# What resolve_model reports about a model that only its weights tell (the unique parameter count); kept in
-# the store so that a warm run need not load them.
-MODEL_FACTS = Kind("model_facts", 1)
+# What resolve_model reports about a model that only its weights and transformers' reading of its config
+# tell (the unique parameter count, the maximum length, the config with its defaults), kept in the store
+# per transformers version. A warm run then imports no transformers model code: AutoConfig alone imported
+# 4.3 s of it (LlamaConfig pulls in cache_utils, hqq and torch._dynamo), and the model_type check 1.7 s,
+# of a warm notebook's ~10 s.
+MODEL_FACTS = Kind("model_facts", 2)
 
 
 def _file_digest(path: Path) -> str:
@@ -138,22 +145,29 @@ def _check_weights(path: Path) -> None:
                         "save the model there with save_pretrained, or pass the directory that has them")
 
 
-def _check_model_dir(path: Path, trust_remote_code: bool) -> None:
-    """Raise, as QkitErrors, what transformers would otherwise raise as stack traces (or answer with a
-    network call) for this directory."""
+def _check_config(path: Path, trust_remote_code: bool) -> dict:
+    """config.json as a dict, once the files are there and it needs no code the user has not trusted;
+    raises QkitErrors, without importing transformers."""
     _check_weights(path)
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except ValueError as e:
         raise QkitError(f"{config_file} is not valid JSON ({e})", "restore the file from its source") from e
+    if "auto_map" in config and not trust_remote_code:
+        raise QkitError(f"{path} needs its own Python code to load (config.json has auto_map)",
+                        "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust that code")
+    return config
+
+
+def _check_model_dir(path: Path, trust_remote_code: bool) -> None:
+    """Raise, as QkitErrors, what transformers would otherwise raise as stack traces (or answer with a
+    network call) for this directory."""
+    config = _check_config(path, trust_remote_code)
     from transformers import __version__ as transformers_version
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if "auto_map" in config and not trust_remote_code:
-        raise QkitError(f"{path} needs its own Python code to load (config.json has auto_map)",
-                        "pass trust_remote_code=True (CLI: --trust-remote-code) if you trust that code")
     if model_type not in CONFIG_MAPPING and "auto_map" not in config:
         raise QkitError(f"transformers {transformers_version} does not know model_type {model_type!r} "
                         f"of {path} and the model ships no code for it",
@@ -249,11 +263,16 @@ def resolve_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch
         info = {"source": {"file": str(gguf_path)}, **Store.manifest(path)["meta"]}
     elif kind == "hub":
         info = {"source": {"hub_id": spec, "commit": path.name}}
-    _check_model_dir(path, trust_remote_code)  # its one-line errors now, not at the first use of the weights
+    # The one-line errors now, not at the first use of the weights. A model without facts in the store loads
+    # its weights here, through load_pretrained's own checks (the model_type, which needs transformers).
+    _check_config(path, trust_remote_code)
     check_tokenizer_files(path)
     loaded = LoadedModel(spec=spec, path=path, info={}, dtype=dtype, trust_remote_code=trust_remote_code)
-    facts = store.get_json(MODEL_FACTS, {"model": fp}, lambda: {"n_params": n_params(loaded.model)})
+    facts = store.get_json(MODEL_FACTS, {"model": fp, "transformers": importlib.metadata.version("transformers")},
+                           lambda: {"n_params": n_params(loaded.model), "max_length": max_length(loaded.config),
+                                    "config": loaded.config.to_dict()})
+    loaded.config_dict = facts["config"]
     loaded.info = {"kind": kind, "spec": spec, "fingerprint": fp, "n_params": facts["n_params"],
-                   "max_length": max_length(loaded.config), "dtype": str(dtype).removeprefix("torch."),
+                   "max_length": facts["max_length"], "dtype": str(dtype).removeprefix("torch."),
                    "path": str(path), **info}
     return loaded

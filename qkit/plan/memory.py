@@ -61,7 +61,7 @@ def shape_from_config(config: dict[str, Any], name: str = "model", n_params: int
 
 def shape_of(loaded: Any) -> ModelShape:
     """The shape of a model qkit has loaded (a :class:`qkit.models.LoadedModel`), named by its spec."""
-    return shape_from_config(loaded.config.to_dict(), name=loaded.spec, n_params=loaded.info["n_params"])
+    return shape_from_config(loaded.config_dict, name=loaded.spec, n_params=loaded.info["n_params"])
 
 
 def get_shape(model: str | Path | dict[str, Any]) -> ModelShape:

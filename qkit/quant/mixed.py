@@ -38,6 +38,12 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
             if isinstance(m, torch.nn.Linear) and _LAYER.search(name) and name.split(".")[-1] not in registry.IGNORE}
 
 
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The weight shape (out, in) of each of :func:`linear_modules`, in model order: what units and their
+    float sizes need, which a caller can keep without the weights."""
+    return {name: tuple(m.weight.shape) for name, m in linear_modules(model).items()}
+
+
 def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -51,14 +57,15 @@ def unit_kind(unit: str) -> str:
     return "layer" if unit.startswith("layer ") else "type" if unit.startswith("type ") else "module"
 
 
-def units(model: torch.nn.Module, kinds: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Unit name → its module names, for each of `kinds` (:data:`UNIT_KINDS`), in model order."""
+def units(modules: Sequence[str], kinds: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Unit name → its module names, for each of `kinds` (:data:`UNIT_KINDS`), from the names of
+    :func:`linear_modules` (or the keys of :func:`linear_shapes`) in model order."""
     unknown = sorted(set(kinds) - set(UNIT_KINDS))
     if unknown:
         raise QkitError(f"unknown unit kind {', '.join(unknown)}", f"use {', '.join(UNIT_KINDS)}")
-    names = list(linear_modules(model))
+    names = list(modules)
     if not names:
-        raise QkitError(f"{type(model).__name__} has no Linear modules inside numbered decoder layers",
+        raise QkitError("the model has no Linear modules inside numbered decoder layers",
                         "scan a decoder-only causal LM (Llama, Qwen, Mistral, ...)")
     out: dict[str, tuple[str, ...]] = {}
     for kind in kinds:
@@ -73,15 +80,15 @@ def units(model: torch.nn.Module, kinds: Sequence[str]) -> dict[str, tuple[str, 
     return out
 
 
-def select(model: torch.nn.Module, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Units by name (``layer 3``, ``type v_proj``, a module's name); a name that matches none is a
-    QkitError listing the module types found."""
-    every = units(model, UNIT_KINDS)
+def select(modules: Sequence[str], names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Units by name (``layer 3``, ``type v_proj``, a module's name) among `modules` (as :func:`units`); a
+    name that matches none is a QkitError listing the module types found."""
+    every = units(modules, UNIT_KINDS)
     missing = [n for n in names if n not in every]
     if missing:
-        types = sorted({module_type(n) for n in linear_modules(model)})
-        raise QkitError(f"no unit {', '.join(map(repr, missing))} in {type(model).__name__}",
-                        f"name 'layer N' (0-{max(map(layer_of, linear_modules(model)))}), 'type T' with T one of "
+        types = sorted({module_type(n) for n in modules})
+        raise QkitError(f"no unit {', '.join(map(repr, missing))} in the model",
+                        f"name 'layer N' (0-{max(map(layer_of, modules))}), 'type T' with T one of "
                         f"{', '.join(types)}, or a module's full name")
     return {n: every[n] for n in names}
 
@@ -127,14 +134,13 @@ def dequantized_weights(checkpoint: methods.Checkpoint) -> dict[str, torch.Tenso
             if getattr(m, "quantization_scheme", None) is not None}
 
 
-def unit_bytes(checkpoint: methods.Checkpoint | None, units: Mapping[str, Sequence[str]], model: torch.nn.Module
-               ) -> dict[str, int]:
+def unit_bytes(checkpoint: methods.Checkpoint | None, units: Mapping[str, Sequence[str]],
+               shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """What each unit's modules take in `checkpoint`'s files as on a GPU (float32 scales counted as BF16),
-    or in BF16 for None (left in float): a unit's size comes from the checkpoint, not from a declared bit
-    width. The checkpoint's headers are read once for all units."""
+    or in BF16 for None (left in float; `shapes` as :func:`linear_shapes`): a unit's size comes from the
+    checkpoint, not from a declared bit width. The checkpoint's headers are read once for all units."""
     if checkpoint is None:
-        linears = linear_modules(model)
-        return {u: sum(2 * linears[m].weight.numel() for m in mods) for u, mods in units.items()}
+        return {u: sum(2 * math.prod(shapes[m]) for m in mods) for u, mods in units.items()}
     per_module: dict[str, int] = {}
     for name, dtype, n in artifacts.checkpoint_tensors(checkpoint.path):
         module = name.rsplit(".", 1)[0]

@@ -69,7 +69,7 @@ RELOADERS = {"compressed-tensors": "llmcompressor", "gptq": "gptqmodel", "awq": 
 def check_architecture(loaded: models.LoadedModel, config: dict, name: str) -> None:
     """QkitError unless `config` (a checkpoint's config.json) has the base model's shape: a variant of
     another model would be compared token by token against the wrong one."""
-    base = loaded.config.to_dict()
+    base = loaded.config_dict
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     differ = [f"{k} {config.get(k)} vs {base.get(k)}" for k in keys if config.get(k) != base.get(k)]
     if differ:

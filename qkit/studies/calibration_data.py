@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from qkit import data, evaluation, models
 from qkit.core.errors import QkitError
-from qkit.core.store import Store
+from qkit.core.store import Kind, Store
 from qkit.data import diagnostics
 from qkit.evaluation import EvalSpec
 from qkit.quant import registry, variants
@@ -53,6 +53,9 @@ class Config(cells.Placement):
                        + [(self.curve_source, n0, length) for length in self.seq_lens])
         return [data.CalibSpec(s, n, length, seed) for s, n, length in dict.fromkeys(points) for seed in self.seeds]
 
+
+# A calibration set's diagnostics (kept: see _diagnostics).
+CALIBRATION_DIAGNOSTICS = Kind("calibration_diagnostics", 1)
 
 PROFILES = {
     # GPTQ and AWQ on three sources at 4 x 128, two seeds, 512 held-out tokens per domain; the curves
@@ -105,17 +108,15 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     store = store or Store()
     loaded = models.resolve_model(config.model, store=store, trust_remote_code=config.trust_remote_code)
     check_grid(config, loaded.info["max_length"])
-    # Too many samples for a source fails on the first config that asks; check the largest first.
-    for source in config.sources:
-        largest = max((c for c in config.configs() if c.name == source), key=lambda c: c.n_samples * c.seq_len)
-        data.calibration_rows(largest.name, largest.n_samples, largest.seq_len, largest.seed,
-                              tokenizer=loaded.tokenizer)
-    n0, len0 = config.center
-    sets = {s: diagnostics.inspect(s, n0, len0, tokenizer=loaded.tokenizer, methods=config.methods,
-                                   eval_texts=config.eval_texts) for s in config.sources}
     evals = [EvalSpec(domain=d, n_tokens=config.eval_tokens, ctx=config.ctx) for d in config.eval_texts]
     all_cells = [(m, c) for m in config.methods for c in config.configs(m) if registry.get_method(m).needs_calibration]
     missing = [(m, c) for m, c in all_cells if not all(studies.evaluated(loaded, m, c, e, store) for e in evals)]
+    # Too many samples for a source fails on the first config that asks; check the largest first.
+    for source in config.sources if missing else ():
+        largest = max((c for c in config.configs() if c.name == source), key=lambda c: c.n_samples * c.seq_len)
+        data.calibration_rows(largest.name, largest.n_samples, largest.seq_len, largest.seed,
+                              tokenizer=loaded.tokenizer)
+    sets = {s: _diagnostics(loaded, s, config, store) for s in config.sources}
     cells.offload(config, _worker_cell, [(f"{m} with {c.name} {c.n_samples} x {c.seq_len} seed {c.seed}",
                                           (m, c, evals)) for m, c in missing],
                   model=config.model, loaded=loaded, store=store, trust_remote_code=config.trust_remote_code,
@@ -127,6 +128,26 @@ def run(config: Config = PROFILES["quick"], *, store: Store | None = None) -> Re
     df = pd.DataFrame(rows)
     df.attrs.update(model=loaded.info, grid=asdict(config))
     return Result(config, df, sets)
+
+
+def _diagnostics(loaded, source: str, config: Config, store: Store) -> diagnostics.Diagnostics:
+    """What the source's set at the grid's center holds, kept so that a warm run loads no tokenizer
+    (importing transformers' AutoTokenizer took ~5 s of this notebook's ~16 s warm)."""
+    n0, len0 = config.center
+    spec = {"model": loaded.info["fingerprint"], "calib": data.CalibSpec(source, n0, len0).key(),
+            "methods": list(config.methods),
+            "eval_texts": [[t, data.fingerprint(t)] for t in config.eval_texts]}
+
+    def build() -> dict:
+        d = diagnostics.inspect(source, n0, len0, tokenizer=loaded.tokenizer, methods=config.methods,
+                                eval_texts=config.eval_texts)
+        # As pairs: the store's JSON sorts object keys, and the tables keep these dicts' order.
+        return {**asdict(d), "domain_mix": list(d.domain_mix.items()),
+                "coverage": [[t, list(c.items())] for t, c in d.coverage.items()]}
+
+    kept = store.get_json(CALIBRATION_DIAGNOSTICS, spec, build)
+    return diagnostics.Diagnostics(**{**kept, "domain_mix": dict(kept["domain_mix"]),
+                                      "coverage": {t: dict(c) for t, c in kept["coverage"]}})
 
 
 def _cell(loaded, method: str, calib: data.CalibSpec, evals, store) -> list[dict]:

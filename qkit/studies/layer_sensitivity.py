@@ -22,6 +22,7 @@ measured KLD says whether unit KLDs add up.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,6 +47,9 @@ from qkit.studies.layer_results import Result
 LAYER_UNIT = Kind("layer_unit", 1)
 LAYER_PROXY = Kind("layer_proxy", 1)
 LAYER_MIX = Kind("layer_mix", 1)
+# The decoder's Linear modules and their weight shapes, so that a warm run loads no weights: the load, and
+# importing transformers' model code for it, took ~7 s of this notebook's ~16 s warm.
+LAYER_MODULES = Kind("layer_modules", 1)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,10 @@ class Study:
         self.checkpoints = {f: methods.quantize(loaded, f, store=store) for f in names}
         self._weights: dict[str, dict[str, torch.Tensor]] = {}
         self._copy: torch.nn.Module | None = None
+        # [name, out, in] rows: the store's JSON sorts object keys, and units keep the model's order.
+        rows = store.get_json(LAYER_MODULES, {"model": loaded.info["fingerprint"]},
+                              lambda: [[n, *shape] for n, shape in mixed.linear_shapes(loaded.model).items()])
+        self.shapes = {name: tuple(shape) for name, *shape in rows}
 
     def weights(self, fmt: str) -> dict[str, torch.Tensor]:
         if fmt not in self._weights:
@@ -168,31 +176,31 @@ class Study:
 
     def jobs(self) -> list[tuple[str, tuple[str, ...], str, bool]]:
         """Every (format, modules, text, keep_float) the scan, the reverse view and the search costs measure."""
-        c, model = self.config, self.loaded.model
-        scan_units, search_units = mixed.units(model, c.units), mixed.units(model, (c.search_units,))
+        c = self.config
+        scan_units, search_units = mixed.units(self.shapes, c.units), mixed.units(self.shapes, (c.search_units,))
         out = [(c.format, scan_units[u], text, False) for text in c.texts for u in scan_units]
         for kind in c.reverse:
-            rev = mixed.units(model, (kind,))
+            rev = mixed.units(self.shapes, (kind,))
             out += [(c.format, m, text, True) for text in c.texts for m in ((), *rev.values())]
         out += [(fmt, search_units[u], text, False) for fmt in c.formats for text in c.targets for u in search_units]
         return list(dict.fromkeys(out))
 
     def run(self) -> Result:
-        c, model = self.config, self.loaded.model
+        c = self.config
         todo = [job for job in self.jobs() if self.store.lookup(LAYER_UNIT, self.measure_key(*job)) is None]
         cells.offload(c, _measure_cell, [(f"{fmt} {len(mods)} modules on {text}", (c, fmt, mods, text, keep))
                                          for fmt, mods, text, keep in todo],
                       model=c.model, loaded=self.loaded, store=self.store, desc="layer units",
                       before=lambda: [baseline(self.loaded, c.eval_spec(text), self.store) for text in c.texts])
-        scan_units = mixed.units(model, c.units)
-        search_units = mixed.units(model, (c.search_units,))
+        scan_units = mixed.units(self.shapes, c.units)
+        search_units = mixed.units(self.shapes, (c.search_units,))
         rows, reverse_rows, cost_rows = [], [], []
         jobs = [(text, u) for text in c.texts for u in scan_units]
         for text, unit in tqdm(jobs, desc=f"scan ({c.format})", unit="unit"):
             rows.append({"text": text, "unit": unit, "kind": mixed.unit_kind(unit), "modules": len(scan_units[unit]),
                          **_row(self.measure(c.format, scan_units[unit], text), c.seed)})
         for kind in c.reverse:
-            rev = mixed.units(model, (kind,))
+            rev = mixed.units(self.shapes, (kind,))
             for text in c.texts:
                 whole = self.measure(c.format, (), text, keep_float=True)
                 for unit in tqdm(rev, desc=f"reverse {kind} ({text})", unit="unit", leave=False):
@@ -242,11 +250,10 @@ class Study:
 
     def sizes(self, search_units: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
         """Bytes of each search unit in each candidate format (from its checkpoint) and in float (BF16)."""
-        linears, model = mixed.linear_modules(self.loaded.model), self.loaded.model
-        table = pd.DataFrame({"params": {u: sum(linears[m].weight.numel() for m in mods)
+        table = pd.DataFrame({"params": {u: sum(math.prod(self.shapes[m]) for m in mods)
                                          for u, mods in search_units.items()},
-                              mixed.FLOAT: mixed.unit_bytes(None, search_units, model),
-                              **{f: mixed.unit_bytes(self.checkpoints[f], search_units, model)
+                              mixed.FLOAT: mixed.unit_bytes(None, search_units, self.shapes),
+                              **{f: mixed.unit_bytes(self.checkpoints[f], search_units, self.shapes)
                                  for f in self.config.formats}})
         return table.rename_axis("unit")
 

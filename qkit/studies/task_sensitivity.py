@@ -40,6 +40,9 @@ from qkit.studies.task_tables import (
 BASELINE = variants.BASELINE
 # The KLD of a variant on a task's prompts.
 TASK_KLD = Kind("task_kld", 1)
+# The item ids of a task whose items are made with the model's tokenizer (passkey), so that a warm run loads
+# no tokenizer: importing transformers' AutoTokenizer took ~5 s of this notebook's ~15 s warm.
+TASK_ITEM_IDS = Kind("task_item_ids", 1)
 DEFAULT_METHODS = ("fp8_dynamic", "w8a8_int8", "w4a16_gptq", "w4a16_awq")
 
 
@@ -175,7 +178,7 @@ def score(config: Config, loaded: models.LoadedModel, *, store: Store | None = N
     chosen = tasks.resolve(config.tasks)
     if any(t.needs_tokenizer for t in chosen):
         task_items.check_context_lengths(config.context_lengths, loaded.info["max_length"])
-    plan = _plan(config, loaded, chosen)
+    plan = _plan(config, loaded, chosen, store)
     if compared is None:
         specs = list(dict.fromkeys(config.methods))
         _run_cells(config, loaded, [BASELINE, *(s for s in specs if variants.is_method(s))], plan, store)
@@ -209,16 +212,30 @@ class _TaskPlan:
 Plan = list[_TaskPlan]
 
 
-def _plan(config: Config, loaded: models.LoadedModel, chosen: Sequence[tasks.Task]) -> Plan:
+def _item_ids(config: Config, loaded: models.LoadedModel, task: tasks.Task, store: Store) -> list[str]:
+    if not task.needs_tokenizer:
+        return [d["id"] for d in tasks.load_items(task)]
+
+    def ids() -> list[str]:
+        docs = tasks.load_items(task, loaded.tokenizer, **_options(task, config), max_len=loaded.info["max_length"])
+        return [d["id"] for d in docs]
+
+    spec = {"model": loaded.info["fingerprint"], "task": task.name, "yaml": tasks.fingerprint(task),
+            "options": _options(task, config), "max_len": loaded.info["max_length"],
+            "items": tasks.TASK_ITEMS.version}
+    return store.get_json(TASK_ITEM_IDS, spec, ids)
+
+
+def _plan(config: Config, loaded: models.LoadedModel, chosen: Sequence[tasks.Task], store: Store) -> Plan:
     plan = []
     for task in chosen:
-        docs = tasks.load_items(task, loaded.tokenizer, **_options(task, config), max_len=loaded.info["max_length"])
+        ids = _item_ids(config, loaded, task, store)
         # A limit the user asked for must exist; the profile's is a cap.
         cap = dict(config.task_limits).get(task.name, config.max_items)
-        n = (tasks.check_limit(task, config.limit, len(docs)) if config.limit is not None
-             else min(cap or len(docs), len(docs)))
-        plan.append(_TaskPlan(task, [docs[i]["id"] for i in spread(len(docs), n)],
-                              {d["id"]: i for i, d in enumerate(docs)}, _kld_eval_spec(loaded, task, config)))
+        n = (tasks.check_limit(task, config.limit, len(ids)) if config.limit is not None
+             else min(cap or len(ids), len(ids)))
+        plan.append(_TaskPlan(task, [ids[i] for i in spread(len(ids), n)],
+                              {d: i for i, d in enumerate(ids)}, _kld_eval_spec(loaded, task, config)))
     return plan
 
 
@@ -274,7 +291,7 @@ def _variant_cell(config: Config, spec: str) -> None:
     user_tasks.include(config.include_path, dict(config.families))
     variant = (variants.baseline(loaded) if spec == BASELINE
                else variants.parse(loaded, spec, calib=config.calib_for(spec), store=store))
-    _score_variant(loaded, variant, _plan(config, loaded, tasks.resolve(config.tasks)), config, store)
+    _score_variant(loaded, variant, _plan(config, loaded, tasks.resolve(config.tasks), store), config, store)
 
 
 def _kld_eval_spec(loaded: models.LoadedModel, task: tasks.Task, prof: Config) -> EvalSpec:
