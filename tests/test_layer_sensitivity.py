@@ -56,15 +56,19 @@ def test_the_knapsack_on_a_known_case_and_its_errors() -> None:
 
 
 def test_units_and_unit_errors(tiny) -> None:
-    every = mixed.units(mixed.linear_shapes(tiny.model), ("layers", "types", "modules"))
+    names = list(mixed.linear_shapes(tiny.model))
+    every = mixed.units(names, ("layers", "types", "modules"))
     layers = [u for u in every if u.startswith("layer ")]
     types = [u for u in every if u.startswith("type ")]
     modules = [u for u in every if "." in u]
     assert len(layers) * 7 == len(types) * len(layers) == len(modules)
     assert sorted(every["type v_proj"]) == sorted(m for m in modules if m.endswith("v_proj"))
     assert not any("lm_head" in m for m in modules)
-    with pytest.raises(QkitError, match=r"no unit 'type w_proj'.*Fix: name 'layer N'.*down_proj"):
-        mixed.select(list(mixed.linear_shapes(tiny.model)), ["type w_proj"])
+    named = mixed.units(names, ("layer 2", "type v_proj", modules[0]))
+    assert named == {"layer 2": every["layer 2"], "type v_proj": every["type v_proj"], modules[0]: (modules[0],)}
+    with pytest.raises(QkitError, match=r"no unit 'type w_proj', 'layer 9' in the model.*Fix: name a kind "
+                                        r"\(layers, types, modules\), 'layer N' \(0-3\).*down_proj, gate_proj"):
+        mixed.units(names, ["layers", "type w_proj", "layer 9"])
 
 
 def test_formats_that_cannot_be_applied_per_module_are_refused() -> None:
@@ -81,6 +85,9 @@ def test_formats_that_cannot_be_applied_per_module_are_refused() -> None:
     ({"budgets": (17.0,)}, "budget 17 bits per weight is outside"),
     ({"targets": ("chat",)}, "search target chat is not among the texts"),
     ({"texts": ("novel",), "targets": ()}, "novel"),
+    ({"prune": 4}, "prune needs layers and modules among the units"),
+    ({"units": ("layers", "q_proj")}, r"no unit 'q_proj' in the model.*'type T' with T one of down_proj"),
+    ({"prune": -1, "units": ("layers", "modules")}, "prune=-1 is negative"),
 ])
 def test_bad_configs_fail_before_any_work(overrides, match) -> None:
     with pytest.raises(QkitError, match=match):
@@ -147,6 +154,60 @@ def test_the_study_on_tiny_its_recipe_round_trips_and_unit_klds_add_up(tiny, mon
     again = L.run(cfg, store=store)
     assert again.scan.drop(columns="chunk_kld").equals(res.scan.drop(columns="chunk_kld"))
     pd.testing.assert_frame_equal(again.sizes, res.sizes)
+
+
+def test_the_rank_check_is_spearmans_rho_per_text_and_kind() -> None:
+    from scipy.stats import spearmanr
+
+    from qkit.studies.layer_results import rank_check
+
+    rng = np.random.default_rng(0)
+    units = [f"layer {i}" for i in range(12)] + [f"model.layers.{i}.mlp.up_proj" for i in range(12)]
+    proxy = pd.DataFrame({"unit": units, "proxy": rng.random(24)})
+    scan = pd.DataFrame([{"text": t, "unit": u, "kind": "layer" if u.startswith("layer") else "module",
+                          "kld_mean": float(rng.random())} for t in ("prose", "code") for u in units])
+    out = rank_check(scan, proxy, seed=0)
+    assert [tuple(r) for r in out[["text", "kind", "units"]].to_numpy()] == [
+        ("prose", "layer", 12), ("prose", "module", 12), ("code", "layer", 12), ("code", "module", 12)]
+    for r in out.itertuples():
+        g = scan[(scan["text"] == r.text) & (scan["kind"] == r.kind)].merge(proxy, on="unit")
+        assert r.spearman_rho == pytest.approx(spearmanr(g["proxy"], g["kld_mean"]).statistic, abs=1e-12)
+        assert r.rho_low <= r.spearman_rho <= r.rho_high
+
+
+# Layers and every module of `tiny` (4 layers, 28 modules), pruned to the proxy's top 3 and 3 at random.
+PRUNED = {**TINY, "units": ["layers", "modules"], "prune": 3, "budgets": [], "targets": [], "anchors": []}
+
+
+@pytest.mark.slow
+def test_a_pruned_module_scan_measures_the_proxys_top_and_a_random_check(tiny, monkeypatch, tmp_path) -> None:
+    store = Store(tmp_path)  # its own, so that what the second run measures can be counted
+    # tiny's 4 layers cannot give a CI above the real bar; the decision is what is tested here.
+    monkeypatch.setattr(L, "PRUNE_RHO", -1.0)
+    res = L.run(L.config(**PRUNED), store=store)
+    modules = res.scan[res.scan["kind"] == "module"]
+    assert len(res.scan[res.scan["kind"] == "layer"]) == 4
+    assert modules["picked"].value_counts().to_dict() == {"proxy top": 3, "at random": 3}
+    proxy = res.proxy.set_index("unit")["proxy"]
+    every = [u for u in proxy.index if u.startswith("model.")]
+    assert len(every) == 28
+    assert set(modules[modules["picked"] == "proxy top"]["unit"]) == set(proxy[every].nlargest(3).index)
+    (check,) = res.pruning_check().to_dict("records")
+    assert check["pruned"] and (check["modules"], check["measured"]) == (28, 6)
+    drawn = modules[modules["picked"] == "at random"]["kld_mean"]
+    top_min = modules[modules["picked"] == "proxy top"]["kld_mean"].min()
+    assert check["random_above_top_min"] == int((drawn > top_min).sum())
+    (grid,) = res._module_grid().values()
+    assert grid.shape == (4, 7) and int(grid.notna().sum().sum()) == 6
+    assert any("pruned by the proxy" in f for f in res.findings())
+    # A bar the proxy cannot clear: every module is measured, and the six above come from the store.
+    monkeypatch.setattr(L, "PRUNE_RHO", 1.0)
+    measured = []
+    real = L.compare
+    monkeypatch.setattr(L, "compare", lambda *a, **k: measured.append(1) or real(*a, **k))
+    res = L.run(L.config(**PRUNED, workers=1), store=store)  # in this process, where compare is counted
+    assert (res.scan[res.scan["kind"] == "module"]["picked"] == "all").sum() == 28 and len(measured) == 22
+    assert any("every one of the 28 modules was measured" in f for f in res.findings())
 
 
 @pytest.mark.parametrize("argv, match", [

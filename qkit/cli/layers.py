@@ -20,7 +20,7 @@ def cmd_layers_scan(args: argparse.Namespace) -> int:
 
     texts = _texts(args) or None
     config = study.config(args.profile, model=args.model, format=args.format, texts=texts,
-                          units=args.units.split(",") if args.units else None, eval_tokens=args.tokens,
+                          units=args.units.split(",") if args.units else None, eval_tokens=args.tokens, prune=args.prune,
                           targets=[], anchors=[], budgets=[], reverse=[] if not args.reverse else None)
     result = study.run(config)
     if args.json:
@@ -29,6 +29,9 @@ def cmd_layers_scan(args: argparse.Namespace) -> int:
     print(result.tables()["scan"].to_string(index=False))
     print()
     print(result.tables()["proxy check"].to_string(index=False))
+    if len(result.pruning):
+        print()
+        print(result.tables()["pruning"].to_string(index=False))
     print("\n".join(line.replace("**", "") for line in result.findings()))
     return 0
 
@@ -63,12 +66,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = layers.add_parser("scan", help="KLD of each unit alone in a format, with CIs, and the proxy's ranking")
     common.model_args(p)
     p.add_argument("--format", default=None, help="a round-to-nearest method (default w4a16_rtn)")
-    p.add_argument("--units", help="unit kinds, comma-separated: layers, types, modules (default layers,types)")
+    p.add_argument("--units", help="unit kinds, comma-separated: layers, types, modules (default layers,types), or units "
+                                       "by name ('layer 3', 'type v_proj', a module's full name)")
     p.add_argument("--eval-text", help="eval texts, comma-separated: prose, chat, code or data files "
                                        "(default prose,code)")
     p.add_argument("--tasks", help="tasks whose prompts are scanned too, comma-separated (see `qkit tasks`)")
     p.add_argument("--tokens", type=int, help="evaluation tokens per text (default: the profile's)")
     p.add_argument("--reverse", action="store_true", help="also keep each unit in float among the rest quantized")
+    p.add_argument("--prune", type=int, metavar="K",
+                   help="with layers and modules among the units: measure only the proxy's top K modules and K "
+                        "at random, if the proxy ranks the measured layers well (default: the profile's; 0: all)")
     p.add_argument("--profile", default="quick", choices=["quick", "full"])
     p.add_argument("--json", action="store_true", help="print the scan's rows as JSON")
     p.set_defaults(func=cmd_layers_scan)

@@ -58,39 +58,29 @@ def unit_kind(unit: str) -> str:
 
 
 def units(modules: Sequence[str], kinds: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Unit name → its module names, for each of `kinds` (:data:`UNIT_KINDS`), from the names of
-    :func:`linear_modules` (or the keys of :func:`linear_shapes`) in model order."""
-    unknown = sorted(set(kinds) - set(UNIT_KINDS))
-    if unknown:
-        raise QkitError(f"unknown unit kind {', '.join(unknown)}", f"use {', '.join(UNIT_KINDS)}")
+    """Unit name → its module names, for each of `kinds`: a kind of :data:`UNIT_KINDS`, or one unit by its
+    name (``layer 3``, ``type v_proj``, a module's full name), from the names of :func:`linear_modules` (or
+    the keys of :func:`linear_shapes`) in model order. A name that matches nothing is a QkitError that lists
+    the module types found."""
     names = list(modules)
     if not names:
         raise QkitError("the model has no Linear modules inside numbered decoder layers",
                         "scan a decoder-only causal LM (Llama, Qwen, Mistral, ...)")
+    every: dict[str, dict[str, tuple[str, ...]]] = {"layers": {}, "types": {}, "modules": {n: (n,) for n in names}}
+    for layer in dict.fromkeys(map(layer_of, names)):
+        every["layers"][f"layer {layer}"] = tuple(n for n in names if layer_of(n) == layer)
+    for t in dict.fromkeys(map(module_type, names)):
+        every["types"][f"type {t}"] = tuple(n for n in names if module_type(n) == t)
+    named = {u: mods for group in every.values() for u, mods in group.items()}
+    missing = [k for k in kinds if k not in every and k not in named]
+    if missing:
+        raise QkitError(f"no unit {', '.join(map(repr, missing))} in the model",
+                        f"name a kind ({', '.join(UNIT_KINDS)}), 'layer N' (0-{max(map(layer_of, names))}), "
+                        f"'type T' with T one of {', '.join(sorted(set(map(module_type, names))))}, or a module's full name")
     out: dict[str, tuple[str, ...]] = {}
     for kind in kinds:
-        if kind == "layers":
-            for layer in dict.fromkeys(map(layer_of, names)):
-                out[f"layer {layer}"] = tuple(n for n in names if layer_of(n) == layer)
-        elif kind == "types":
-            for t in dict.fromkeys(map(module_type, names)):
-                out[f"type {t}"] = tuple(n for n in names if module_type(n) == t)
-        else:
-            out.update({n: (n,) for n in names})
+        out.update(every[kind] if kind in every else {kind: named[kind]})
     return out
-
-
-def select(modules: Sequence[str], names: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Units by name (``layer 3``, ``type v_proj``, a module's name) among `modules` (as :func:`units`); a
-    name that matches none is a QkitError listing the module types found."""
-    every = units(modules, UNIT_KINDS)
-    missing = [n for n in names if n not in every]
-    if missing:
-        types = sorted({module_type(n) for n in modules})
-        raise QkitError(f"no unit {', '.join(map(repr, missing))} in the model",
-                        f"name 'layer N' (0-{max(map(layer_of, modules))}), 'type T' with T one of "
-                        f"{', '.join(types)}, or a module's full name")
-    return {n: every[n] for n in names}
 
 
 def _why_not(method: registry.Method) -> str | None:

@@ -14,6 +14,22 @@ from qkit.quant import mixed
 from qkit.studies import layer_figures, plots
 from qkit.studies.contract import Summary
 
+# The lower end of the proxy's ρ CI on the measured layers above which it ranks well enough to prune a
+# module scan: the bar the findings state and the one a pruned scan (``prune``) must clear.
+PRUNE_RHO = 0.7
+
+
+def rank_check(scan: pd.DataFrame, proxy: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Spearman's ρ of the proxy against the measured KLD, per text and unit kind (a layer's proxy and KLD
+    are on another scale than a module's), with a bootstrap CI over units."""
+    rows = []
+    for (text, kind), g in scan.groupby(["text", "kind"], sort=False):
+        merged = g.merge(proxy, on="unit")
+        rho, lo, hi = metrics.spearman_ci(merged["proxy"], merged["kld_mean"], seed=seed)
+        rows.append({"text": text, "kind": kind, "units": len(merged), "spearman_rho": rho, "rho_low": lo,
+                     "rho_high": hi})
+    return pd.DataFrame(rows, columns=["text", "kind", "units", "spearman_rho", "rho_low", "rho_high"])
+
 
 @dataclass
 class Result:
@@ -22,6 +38,7 @@ class Result:
     reverse: pd.DataFrame  # one row per (text, unit): the KLD that keeping the unit in float saves
     costs: pd.DataFrame  # one row per (format, target, search unit): the search's measured costs
     proxy: pd.DataFrame  # one row per scan unit (and per module): the proxy's output error
+    pruning: pd.DataFrame  # one row per text when the module scan was pruned by the proxy (else empty)
     sizes: pd.DataFrame  # bytes per search unit and format
     mixes: pd.DataFrame  # one row per (target, budget): the chosen mix and its prediction
     mix_rows: pd.DataFrame  # the mixes measured on every text, as methods-study rows
@@ -29,13 +46,21 @@ class Result:
     meta: dict
 
     def proxy_check(self) -> pd.DataFrame:
-        """Spearman's ρ of the proxy against the measured KLD over the scan's units, per text, with a
-        bootstrap CI over units."""
+        """Spearman's ρ of the proxy against the measured KLD, per text and unit kind, with a bootstrap CI
+        over units."""
+        return rank_check(self.scan, self.proxy, self.config.seed)
+
+    def pruning_check(self) -> pd.DataFrame:
+        """Per text of a pruned module scan: the decision, and what the modules drawn at random say about
+        the ones it left out (how many of them rank above the smallest of the proxy's top)."""
         rows = []
-        for text, g in self.scan.groupby("text", sort=False):
-            merged = g.merge(self.proxy, on="unit")
-            rho, lo, hi = metrics.spearman_ci(merged["proxy"], merged["kld_mean"], seed=self.config.seed)
-            rows.append({"text": text, "units": len(merged), "spearman_rho": rho, "rho_low": lo, "rho_high": hi})
+        for _, r in self.pruning.iterrows():
+            g = self.scan[(self.scan["text"] == r["text"]) & (self.scan["kind"] == "module")]
+            top, drawn = g[g["picked"] == "proxy top"]["kld_mean"], g[g["picked"] == "at random"]["kld_mean"]
+            rows.append({**r.to_dict(), "proxy_top": len(top), "at_random": len(drawn),
+                         "top_min_kld": top.min() if len(top) else float("nan"),
+                         "random_max_kld": drawn.max() if len(drawn) else float("nan"),
+                         "random_above_top_min": int((drawn > top.min()).sum()) if len(top) else 0})
         return pd.DataFrame(rows)
 
     def additivity(self) -> pd.DataFrame:
@@ -65,6 +90,7 @@ class Result:
     def tables(self) -> dict[str, pd.DataFrame]:
         scan = self.scan.drop(columns=["chunk_kld"]).round(5)
         return {"scan": scan, "reverse": self.reverse.round(5), "proxy check": self.proxy_check().round(3),
+                "pruning": self.pruning_check().round(5),
                 "search costs": self.costs.drop(columns=["chunk_kld"], errors="ignore").round(5), "unit sizes": self.sizes,
                 "mixes": self.mixes.drop(columns=["assignment"], errors="ignore").round(4), "additivity": self.additivity().round(4),
                 "cross evaluation": self.cross(), "size against KLD": self.pareto().round(4)}
@@ -80,12 +106,25 @@ class Result:
                        f"[{top['kld_low']:.3g}, {top['kld_high']:.3g}]); its CI lies above {len(apart)} of the other "
                        f"{len(rest)} units' CIs. The least sensitive: {g.iloc[-1]['unit']} ({g.iloc[-1]['kld_mean']:.3g}).")
         for _, r in self.proxy_check().iterrows():
-            verdict = ("ranks the units well enough to prune a larger scan" if r["rho_low"] > 0.7 else
+            verdict = ("ranks them well enough to prune a larger scan" if r["rho_low"] > PRUNE_RHO else
                        "ranks them better than chance, not well enough to replace the measurement" if r["rho_low"] > 0
                        else "does not rank them reliably")
-            out.append(f"The proxy (output error on calibration activations) against the measured KLD on {r['text']}: "
-                       f"Spearman ρ {r['spearman_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}] over "
-                       f"{r['units']} units: it {verdict}.")
+            out.append(f"The proxy (output error on calibration activations) against the measured KLD on {r['text']}, "
+                       f"over {r['units']} {r['kind']} units: Spearman ρ {r['spearman_rho']:.2f} "
+                       f"[{r['rho_low']:.2f}, {r['rho_high']:.2f}]: it {verdict}.")
+        for _, r in self.pruning_check().iterrows():
+            if not r["pruned"]:
+                out.append(f"**{r['text']}**: every one of the {r['modules']} modules was measured: the proxy's ρ on "
+                           f"the layers, {r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}], does not "
+                           f"clear the {PRUNE_RHO} needed to prune.")
+                continue
+            out.append(f"**{r['text']}**: the module scan was pruned by the proxy (its ρ on the layers "
+                       f"{r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}] clears {PRUNE_RHO}): "
+                       f"{r['measured']} of {r['modules']} modules measured, the proxy's top {r['proxy_top']} and "
+                       f"{r['at_random']} others at random. {r['random_above_top_min']} of those at random have a "
+                       f"larger KLD than the smallest of the top ({r['top_min_kld']:.3g}; the largest at random "
+                       f"{r['random_max_kld']:.3g}), so about {r['random_above_top_min'] / max(r['at_random'], 1):.0%} "
+                       "of the unmeasured modules would rank among the measured top. The heatmap leaves them blank.")
         add = self.additivity()
         if len(add):
             inside = int(add["within_ci"].sum())
@@ -124,15 +163,20 @@ class Result:
         })
 
     def _module_grid(self) -> dict[str, pd.DataFrame]:
-        """Layer x module type grids: measured per module where the scan has modules, else the proxy."""
+        """Layer x module type grids: measured per module where the scan has modules (blank where a pruned
+        scan left one out), else the proxy."""
         modules = self.scan[self.scan["kind"] == "module"]
+        every = [u for u in self.proxy["unit"] if mixed.unit_kind(u) == "module"]
+        layers = sorted({mixed.layer_of(u) for u in every})
+        types = sorted({mixed.module_type(u) for u in every})
         grids = {}
         source = ({t: g.set_index("unit")["kld_mean"] for t, g in modules.groupby("text", sort=False)} if len(modules)
                   else {"proxy (output error)": self.proxy.set_index("unit")["proxy"]})
         for label, values in source.items():
             rows = [{"layer": mixed.layer_of(u), "type": mixed.module_type(u), "value": v}
                     for u, v in values.items() if mixed.unit_kind(u) == "module"]
-            grids[label] = pd.DataFrame(rows).pivot(index="layer", columns="type", values="value")
+            grids[label] = pd.DataFrame(rows).pivot(index="layer", columns="type", values="value").reindex(
+                index=layers, columns=types)
         return grids
 
     def provenance(self) -> pd.DataFrame:

@@ -10,7 +10,10 @@ the unit alone for round-to-nearest formats), so a unit costs one forward pass, 
 
 **Proxy.** Each module's output error on calibration activations, ``tr(ΔW H ΔWᵀ)`` with ``H = XᵀX`` of its
 inputs, summed over a unit's modules: one forward pass for the whole model. Its Spearman ρ against the
-measured KLD (CI by resampling units) says whether it could prune a larger scan.
+measured KLD (CI by resampling units) says whether it could prune a larger scan, and with ``prune`` it
+does: when its ρ on the measured layers clears :data:`~qkit.studies.layer_results.PRUNE_RHO`, only the
+modules it ranks highest are measured, with as many drawn at random from the rest to show what pruning
+missed.
 
 **Search.** Candidate formats per unit (the target format, a wider one, float); a unit's cost in a format
 is its measured KLD (0 in float), its size is read from that format's checkpoint. The assignment that
@@ -40,7 +43,7 @@ from qkit.data import CalibSpec
 from qkit.evaluation import TASK_PREFIX, EvalSpec, baseline, compare, metrics
 from qkit.quant import methods, mixed, registry, variants
 from qkit.studies import cells, contract, quantization_methods
-from qkit.studies.layer_results import Result
+from qkit.studies.layer_results import PRUNE_RHO, Result, rank_check
 
 # One unit's comparison against the baseline (unit alone in a format, or all but the unit), the proxy's
 # per-module output errors, and the recipe file of a searched mix.
@@ -61,7 +64,7 @@ class Config(cells.Placement):
 
     model: str = models.DEFAULT_MODEL
     format: str = "w4a16_rtn"
-    units: tuple[str, ...] = ("layers", "types")
+    units: tuple[str, ...] = ("layers", "types")  # kinds (mixed.UNIT_KINDS) or units by name ("layer 3")
     reverse: tuple[str, ...] = ("types",)  # unit kinds also measured kept-in-float among the rest quantized
     texts: tuple[str, ...] = ("prose",)
     eval_tokens: int = 2048
@@ -70,6 +73,7 @@ class Config(cells.Placement):
     search_units: str = "types"
     budgets: tuple[float, ...] = (4.5, 5.0, 6.0)
     targets: tuple[str, ...] = ("prose",)
+    prune: int = 0  # with "modules" among the units: measure the proxy's top this-many and as many at random
     anchors: tuple[str, ...] = ("w4a16_rtn", "w4a16_gptq", "w8a16_rtn", "gguf_q4_k_m")
     calib: str = "prose"  # activations of the proxy
     samples: int = 16
@@ -80,12 +84,15 @@ class Config(cells.Placement):
         return EvalSpec(domain=text, n_tokens=self.eval_tokens, ctx=self.ctx)
 
 
+# The full profile's proxy-pruned module scan: its top 40 by the proxy and 40 others at random.
+PRUNE_DEFAULT = 40
+
 PROFILES = {
     "quick": Config(),
-    # Every Linear measured, on 4x the text and on code too, each text's mix scored on the other: ~200
-    # units x 2 texts for SmolLM2, a night on a CPU.
+    # Every Linear in reach, on 4x the text and on code too, each text's mix scored on the other: SmolLM2
+    # has 210 modules, so measuring each on 2 texts would take a night on a CPU.
     "full": Config(units=("layers", "types", "modules"), reverse=("types", "layers"), texts=("prose", "code"),
-                   targets=("prose", "code"), eval_tokens=8192, ctx=512,
+                   targets=("prose", "code"), eval_tokens=8192, ctx=512, prune=PRUNE_DEFAULT,
                    search_units="layers", budgets=(4.5, 5.0, 6.0, 8.0), samples=64, seq_len=512),
 }
 
@@ -109,6 +116,11 @@ def _check(config: Config) -> None:
     if missing:
         raise QkitError(f"search target {', '.join(missing)} is not among the texts {', '.join(config.texts)}",
                         "add it to texts, or target one of them")
+    if config.prune < 0:
+        raise QkitError(f"prune={config.prune} is negative", "pass the number of modules to measure, or 0 for all")
+    if config.prune and not {"layers", "modules"} <= set(config.units):
+        raise QkitError("prune needs layers and modules among the units: the proxy's ρ on the measured layers "
+                        "decides whether it may prune the modules", "add layers and modules to units, or prune=0")
     if config.search_units not in mixed.UNIT_KINDS:
         raise QkitError(f"unknown search unit kind {config.search_units!r}", f"use {', '.join(mixed.UNIT_KINDS)}")
     formats_bits = [registry.get_method(f).weight_bits or 16 for f in config.formats]
@@ -135,14 +147,15 @@ class Study:
 
     def __init__(self, config: Config, loaded: models.LoadedModel, store: Store) -> None:
         self.config, self.loaded, self.store = config, loaded, store
-        names = dict.fromkeys((config.format, *config.formats))
-        self.checkpoints = {f: methods.quantize(loaded, f, store=store) for f in names}
-        self._weights: dict[str, dict[str, torch.Tensor]] = {}
-        self._copy: torch.nn.Module | None = None
         # [name, out, in] rows: the store's JSON sorts object keys, and units keep the model's order.
         rows = store.get_json(LAYER_MODULES, {"model": loaded.info["fingerprint"]},
                               lambda: [[n, *shape] for n, shape in mixed.linear_shapes(loaded.model).items()])
         self.shapes = {name: tuple(shape) for name, *shape in rows}
+        mixed.units(self.shapes, config.units)  # a unit name the model lacks fails before any quantization
+        names = dict.fromkeys((config.format, *config.formats))
+        self.checkpoints = {f: methods.quantize(loaded, f, store=store) for f in names}
+        self._weights: dict[str, dict[str, torch.Tensor]] = {}
+        self._copy: torch.nn.Module | None = None
 
     def weights(self, fmt: str) -> dict[str, torch.Tensor]:
         if fmt not in self._weights:
@@ -175,9 +188,10 @@ class Study:
         return self.store.get_json(LAYER_UNIT, key, run_it)
 
     def jobs(self) -> list[tuple[str, tuple[str, ...], str, bool]]:
-        """Every (format, modules, text, keep_float) the scan, the reverse view and the search costs measure."""
+        """Every (format, modules, text, keep_float) the scan, the reverse view and the search costs measure,
+        but for the module units of a pruned scan, which :meth:`module_plan` picks once these are measured."""
         c = self.config
-        scan_units, search_units = mixed.units(self.shapes, c.units), mixed.units(self.shapes, (c.search_units,))
+        scan_units, search_units = self.scan_units(pruned=True), mixed.units(self.shapes, (c.search_units,))
         out = [(c.format, scan_units[u], text, False) for text in c.texts for u in scan_units]
         for kind in c.reverse:
             rev = mixed.units(self.shapes, (kind,))
@@ -185,20 +199,66 @@ class Study:
         out += [(fmt, search_units[u], text, False) for fmt in c.formats for text in c.targets for u in search_units]
         return list(dict.fromkeys(out))
 
-    def run(self) -> Result:
+    def scan_units(self, pruned: bool = False) -> dict[str, tuple[str, ...]]:
+        """The scan's units; with `pruned`, without the module units when the config prunes them."""
+        kinds = self.config.units
+        if pruned and self.config.prune:
+            kinds = tuple(k for k in kinds if k != "modules")
+        return mixed.units(self.shapes, kinds)
+
+    def offload(self, jobs: Sequence[tuple[str, tuple[str, ...], str, bool]]) -> None:
+        """The jobs missing from the store, as cells (see :func:`qkit.studies.cells.offload`)."""
         c = self.config
-        todo = [job for job in self.jobs() if self.store.lookup(LAYER_UNIT, self.measure_key(*job)) is None]
+        todo = [job for job in jobs if self.store.lookup(LAYER_UNIT, self.measure_key(*job)) is None]
         cells.offload(c, _measure_cell, [(f"{fmt} {len(mods)} modules on {text}", (c, fmt, mods, text, keep))
                                          for fmt, mods, text, keep in todo],
                       model=c.model, loaded=self.loaded, store=self.store, desc="layer units",
                       before=lambda: [baseline(self.loaded, c.eval_spec(text), self.store) for text in c.texts])
-        scan_units = mixed.units(self.shapes, c.units)
-        search_units = mixed.units(self.shapes, (c.search_units,))
+
+    def module_plan(self, scan: pd.DataFrame) -> tuple[dict[str, dict[str, str]], pd.DataFrame]:
+        """The modules a pruned scan measures on each text, each with why (``proxy top``, ``at random``,
+        ``all``), and a row per text on the decision. A text whose measured layers the proxy ranks with
+        ρ's CI above :data:`PRUNE_RHO` gets the proxy's top ``prune`` modules and ``prune`` others drawn at
+        random, which show what pruning misses; any other text gets every module."""
+        c = self.config
+        every = list(mixed.units(self.shapes, ("modules",)))
+        per_module = self.per_module_proxy()
+        top = set(sorted(every, key=lambda m: -per_module[m])[:c.prune])
+        rest = [m for m in every if m not in top]
+        check = {rest[i] for i in np.random.default_rng(c.seed).choice(len(rest), min(c.prune, len(rest)), replace=False)}
+        proxy = self.proxy(mixed.units(self.shapes, ("layers",)))
+        plan, rows = {}, []
+        for text in c.texts:
+            layers = scan[(scan["text"] == text) & (scan["kind"] == "layer")]
+            (r,) = rank_check(layers, proxy, c.seed).to_dict("records")
+            pruned = bool(r["rho_low"] > PRUNE_RHO)
+            plan[text] = ({m: "proxy top" if m in top else "at random" for m in every if m in top | check}
+                          if pruned else dict.fromkeys(every, "all"))
+            rows.append({"text": text, "layers_rho": r["spearman_rho"], "rho_low": r["rho_low"],
+                         "rho_high": r["rho_high"], "pruned": pruned, "modules": len(every),
+                         "measured": len(plan[text])})
+        return plan, pd.DataFrame(rows)
+
+    def run(self) -> Result:
+        c = self.config
+        self.offload(self.jobs())
+        scan_units, search_units = self.scan_units(pruned=True), mixed.units(self.shapes, (c.search_units,))
         rows, reverse_rows, cost_rows = [], [], []
+
+        def scan_row(text: str, unit: str, modules: tuple[str, ...], **extra: str) -> dict:
+            return {"text": text, "unit": unit, "kind": mixed.unit_kind(unit), "modules": len(modules), **extra,
+                    **_row(self.measure(c.format, modules, text), c.seed)}
+
         jobs = [(text, u) for text in c.texts for u in scan_units]
         for text, unit in tqdm(jobs, desc=f"scan ({c.format})", unit="unit"):
-            rows.append({"text": text, "unit": unit, "kind": mixed.unit_kind(unit), "modules": len(scan_units[unit]),
-                         **_row(self.measure(c.format, scan_units[unit], text), c.seed)})
+            rows.append(scan_row(text, unit, scan_units[unit]))
+        pruning = pd.DataFrame()
+        if c.prune:
+            plan, pruning = self.module_plan(pd.DataFrame(rows))
+            self.offload([(c.format, (m,), text, False) for text, picks in plan.items() for m in picks])
+            for text, picks in plan.items():
+                for module, why in tqdm(picks.items(), desc=f"module scan ({text})", unit="module", leave=False):
+                    rows.append(scan_row(text, module, (module,), picked=why))
         for kind in c.reverse:
             rev = mixed.units(self.shapes, (kind,))
             for text in c.texts:
@@ -215,17 +275,17 @@ class Study:
                     cost_rows.append({"format": fmt, "text": text, "unit": unit,
                                       **_row(self.measure(fmt, search_units[unit], text), c.seed)})
         scan, costs = pd.DataFrame(rows), pd.DataFrame(cost_rows)
-        proxy = self.proxy(scan_units)
+        proxy = self.proxy(self.scan_units())
         sizes = self.sizes(search_units)
         mixes, mix_rows = self.search(costs, sizes, search_units)
         anchors = self.anchors()
         meta = {"model": self.loaded.info, "config": asdict(c), "provenance": provenance.collect(),
                 "checkpoints": {f: str(ck.path) for f, ck in self.checkpoints.items()},
                 "calibration": data.describe(c.calib)}
-        return Result(c, scan, pd.DataFrame(reverse_rows), costs, proxy, sizes, mixes, pd.DataFrame(mix_rows),
-                      anchors, meta)
+        return Result(c, scan, pd.DataFrame(reverse_rows), costs, proxy, pruning, sizes, mixes,
+                      pd.DataFrame(mix_rows), anchors, meta)
 
-    def proxy(self, scan_units: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
+    def per_module_proxy(self) -> dict[str, float]:
         """Per module: ``tr(ΔW H ΔWᵀ)`` for the target format, H the Gram matrix of its calibration inputs."""
         c = self.config
         calib = CalibSpec(c.calib, c.samples, c.seq_len, c.seed)
@@ -243,7 +303,11 @@ class Study:
                 out[name] = float(((dw @ grams[name]) * dw).sum())
             return out
 
-        per_module = self.store.get_json(LAYER_PROXY, key, compute)
+        return self.store.get_json(LAYER_PROXY, key, compute)
+
+    def proxy(self, scan_units: Mapping[str, tuple[str, ...]]) -> pd.DataFrame:
+        """The proxy per scan unit (the sum over its modules), and per module."""
+        per_module = self.per_module_proxy()
         rows = [{"unit": u, "proxy": sum(per_module[m] for m in mods)} for u, mods in scan_units.items()]
         modules = [{"unit": m, "proxy": v} for m, v in per_module.items()]
         return pd.DataFrame(rows + [r for r in modules if r["unit"] not in scan_units])
