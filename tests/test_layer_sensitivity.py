@@ -175,39 +175,49 @@ def test_the_rank_check_is_spearmans_rho_per_text_and_kind() -> None:
         assert r.rho_low <= r.spearman_rho <= r.rho_high
 
 
-# Layers and every module of `tiny` (4 layers, 28 modules), pruned to the proxy's top 3 and 3 at random.
-PRUNED = {**TINY, "units": ["layers", "modules"], "prune": 3, "budgets": [], "targets": [], "anchors": []}
+# The full profile on `tiny` (4 layers, 28 modules) on fewer tokens, its module scan pruned to the proxy's
+# top 3 and 3 at random, with one budget and one anchor.
+FULL = {"model": "tiny", "eval_tokens": 512, "ctx": 128, "samples": 4, "seq_len": 64, "prune": 3,
+        "budgets": [5.0], "anchors": ["w4a16_rtn"]}
 
 
 @pytest.mark.slow
-def test_a_pruned_module_scan_measures_the_proxys_top_and_a_random_check(tiny, monkeypatch, tmp_path) -> None:
+def test_the_full_profile_prunes_its_module_scan_by_the_proxy_and_cross_evaluates(tiny, monkeypatch, tmp_path) -> None:
+    from qkit.studies import layer_results
+
     store = Store(tmp_path)  # its own, so that what the second run measures can be counted
-    # tiny's 4 layers cannot give a CI above the real bar; the decision is what is tested here.
-    monkeypatch.setattr(L, "PRUNE_RHO", -1.0)
-    res = L.run(L.config(**PRUNED), store=store)
-    modules = res.scan[res.scan["kind"] == "module"]
-    assert len(res.scan[res.scan["kind"] == "layer"]) == 4
-    assert modules["picked"].value_counts().to_dict() == {"proxy top": 3, "at random": 3}
+    # tiny's 4 layers are too few to judge the proxy by; with the bars lowered, the pruning is what is tested.
+    monkeypatch.setattr(layer_results, "PRUNE_RHO", -1.0)
+    monkeypatch.setattr(layer_results, "PRUNE_MIN_UNITS", 4)
+    res = L.run(L.config("full", **FULL), store=store)
+    assert set(res.scan["text"]) == {"prose", "code"} and set(res.reverse["kind"]) == {"types", "layers"}
     proxy = res.proxy.set_index("unit")["proxy"]
     every = [u for u in proxy.index if u.startswith("model.")]
     assert len(every) == 28
-    assert set(modules[modules["picked"] == "proxy top"]["unit"]) == set(proxy[every].nlargest(3).index)
-    (check,) = res.pruning_check().to_dict("records")
-    assert check["pruned"] and (check["modules"], check["measured"]) == (28, 6)
-    drawn = modules[modules["picked"] == "at random"]["kld_mean"]
-    top_min = modules[modules["picked"] == "proxy top"]["kld_mean"].min()
-    assert check["random_above_top_min"] == int((drawn > top_min).sum())
-    (grid,) = res._module_grid().values()
-    assert grid.shape == (4, 7) and int(grid.notna().sum().sum()) == 6
-    assert any("pruned by the proxy" in f for f in res.findings())
-    # A bar the proxy cannot clear: every module is measured, and the six above come from the store.
-    monkeypatch.setattr(L, "PRUNE_RHO", 1.0)
+    for text, g in res.scan.groupby("text"):
+        modules = g[g["kind"] == "module"]
+        assert len(g[g["kind"] == "layer"]) == 4
+        assert modules["picked"].value_counts().to_dict() == {"proxy top": 3, "at random": 3}
+        assert set(modules[modules["picked"] == "proxy top"]["unit"]) == set(proxy[every].nlargest(3).index)
+    checks = res.pruning_check().set_index("text")
+    assert checks["pruned"].all() and (checks[["layers", "modules", "measured"]].to_numpy() == [4, 28, 6]).all()
+    prose = res.scan[(res.scan["text"] == "prose") & (res.scan["kind"] == "module")]
+    drawn, top = (prose[prose["picked"] == k]["kld_mean"] for k in ("at random", "proxy top"))
+    assert checks.loc["prose", "random_above_top_min"] == int((drawn > top.min()).sum())
+    grids = res._module_grid()
+    assert list(grids) == ["prose", "code"] and all(g.shape == (4, 7) and g.notna().sum().sum() == 6
+                                                    for g in grids.values())
+    assert sum("pruned by the proxy" in f for f in res.findings()) == 2
+    # Each text's mix scored on both texts: the cross-evaluation.
+    assert res.cross().shape == (2, 2) and set(res.mixes["target"]) == {"prose", "code"}
+    # The real bars: 4 layers cannot judge the proxy, so every module is measured, the six above from the store.
+    monkeypatch.undo()
     measured = []
     real = L.compare
     monkeypatch.setattr(L, "compare", lambda *a, **k: measured.append(1) or real(*a, **k))
-    res = L.run(L.config(**PRUNED, workers=1), store=store)  # in this process, where compare is counted
-    assert (res.scan[res.scan["kind"] == "module"]["picked"] == "all").sum() == 28 and len(measured) == 22
-    assert any("every one of the 28 modules was measured" in f for f in res.findings())
+    res = L.run(L.config("full", **FULL, workers=1), store=store)  # in this process, where compare is counted
+    assert (res.scan[res.scan["kind"] == "module"]["picked"] == "all").sum() == 56 and len(measured) == 44
+    assert sum("every one of the 28 modules was measured" in f for f in res.findings()) == 2
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -3,6 +3,7 @@ reverse view, the proxy, the search's mixes and the anchors that :mod:`qkit.stud
 measured."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,15 @@ from qkit.studies import layer_figures, plots
 from qkit.studies.contract import Summary
 
 # The lower end of the proxy's ρ CI on the measured layers above which it ranks well enough to prune a
-# module scan: the bar the findings state and the one a pruned scan (``prune``) must clear.
+# module scan: the bar the findings state and the one a pruned scan (``prune``) must clear. Over fewer
+# units the bootstrap CI means little: 4 perfectly ranked layers resample to ρ = 1 every time.
 PRUNE_RHO = 0.7
+PRUNE_MIN_UNITS = 8
+
+
+def ranks_well(check: Mapping[str, Any]) -> bool:
+    """Whether a :func:`rank_check` row shows a proxy good enough to prune a scan with."""
+    return bool(check["units"] >= PRUNE_MIN_UNITS and check["rho_low"] > PRUNE_RHO)
 
 
 def rank_check(scan: pd.DataFrame, proxy: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -106,7 +114,8 @@ class Result:
                        f"[{top['kld_low']:.3g}, {top['kld_high']:.3g}]); its CI lies above {len(apart)} of the other "
                        f"{len(rest)} units' CIs. The least sensitive: {g.iloc[-1]['unit']} ({g.iloc[-1]['kld_mean']:.3g}).")
         for _, r in self.proxy_check().iterrows():
-            verdict = ("ranks them well enough to prune a larger scan" if r["rho_low"] > PRUNE_RHO else
+            verdict = ("ranks them well enough to prune a larger scan" if ranks_well(r) else
+                       f"is not judged: {PRUNE_MIN_UNITS} units are needed" if r["units"] < PRUNE_MIN_UNITS else
                        "ranks them better than chance, not well enough to replace the measurement" if r["rho_low"] > 0
                        else "does not rank them reliably")
             out.append(f"The proxy (output error on calibration activations) against the measured KLD on {r['text']}, "
@@ -115,16 +124,16 @@ class Result:
         for _, r in self.pruning_check().iterrows():
             if not r["pruned"]:
                 out.append(f"**{r['text']}**: every one of the {r['modules']} modules was measured: the proxy's ρ on "
-                           f"the layers, {r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}], does not "
-                           f"clear the {PRUNE_RHO} needed to prune.")
+                           f"the {r['layers']} layers, {r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}], "
+                           f"does not clear the {PRUNE_RHO} over at least {PRUNE_MIN_UNITS} layers needed to prune.")
                 continue
             out.append(f"**{r['text']}**: the module scan was pruned by the proxy (its ρ on the layers "
                        f"{r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}] clears {PRUNE_RHO}): "
                        f"{r['measured']} of {r['modules']} modules measured, the proxy's top {r['proxy_top']} and "
                        f"{r['at_random']} others at random. {r['random_above_top_min']} of those at random have a "
                        f"larger KLD than the smallest of the top ({r['top_min_kld']:.3g}; the largest at random "
-                       f"{r['random_max_kld']:.3g}), so about {r['random_above_top_min'] / max(r['at_random'], 1):.0%} "
-                       "of the unmeasured modules would rank among the measured top. The heatmap leaves them blank.")
+                       f"{r['random_max_kld']:.3g}): an estimated {r['random_above_top_min'] / max(r['at_random'], 1):.0%} "
+                       "of the modules left out would rank among the measured top. The heatmap leaves them blank.")
         add = self.additivity()
         if len(add):
             inside = int(add["within_ci"].sum())

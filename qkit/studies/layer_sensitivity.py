@@ -11,7 +11,7 @@ the unit alone for round-to-nearest formats), so a unit costs one forward pass, 
 **Proxy.** Each module's output error on calibration activations, ``tr(ΔW H ΔWᵀ)`` with ``H = XᵀX`` of its
 inputs, summed over a unit's modules: one forward pass for the whole model. Its Spearman ρ against the
 measured KLD (CI by resampling units) says whether it could prune a larger scan, and with ``prune`` it
-does: when its ρ on the measured layers clears :data:`~qkit.studies.layer_results.PRUNE_RHO`, only the
+does: when its ρ on the measured layers clears a bar (:func:`~qkit.studies.layer_results.ranks_well`), only the
 modules it ranks highest are measured, with as many drawn at random from the rest to show what pruning
 missed.
 
@@ -42,8 +42,8 @@ from qkit.core.store import Kind, Store, write_text_atomic
 from qkit.data import CalibSpec
 from qkit.evaluation import TASK_PREFIX, EvalSpec, baseline, compare, metrics
 from qkit.quant import methods, mixed, registry, variants
-from qkit.studies import cells, contract, quantization_methods
-from qkit.studies.layer_results import PRUNE_RHO, Result, rank_check
+from qkit.studies import cells, contract, layer_results, quantization_methods
+from qkit.studies.layer_results import Result, rank_check
 
 # One unit's comparison against the baseline (unit alone in a format, or all but the unit), the proxy's
 # per-module output errors, and the recipe file of a searched mix.
@@ -218,7 +218,7 @@ class Study:
     def module_plan(self, scan: pd.DataFrame) -> tuple[dict[str, dict[str, str]], pd.DataFrame]:
         """The modules a pruned scan measures on each text, each with why (``proxy top``, ``at random``,
         ``all``), and a row per text on the decision. A text whose measured layers the proxy ranks with
-        ρ's CI above :data:`PRUNE_RHO` gets the proxy's top ``prune`` modules and ``prune`` others drawn at
+        ρ's CI above :data:`~qkit.studies.layer_results.PRUNE_RHO` gets the proxy's top ``prune`` modules and ``prune`` others drawn at
         random, which show what pruning misses; any other text gets every module."""
         c = self.config
         every = list(mixed.units(self.shapes, ("modules",)))
@@ -231,10 +231,10 @@ class Study:
         for text in c.texts:
             layers = scan[(scan["text"] == text) & (scan["kind"] == "layer")]
             (r,) = rank_check(layers, proxy, c.seed).to_dict("records")
-            pruned = bool(r["rho_low"] > PRUNE_RHO)
+            pruned = layer_results.ranks_well(r)
             plan[text] = ({m: "proxy top" if m in top else "at random" for m in every if m in top | check}
                           if pruned else dict.fromkeys(every, "all"))
-            rows.append({"text": text, "layers_rho": r["spearman_rho"], "rho_low": r["rho_low"],
+            rows.append({"text": text, "layers": r["units"], "layers_rho": r["spearman_rho"], "rho_low": r["rho_low"],
                          "rho_high": r["rho_high"], "pruned": pruned, "modules": len(every),
                          "measured": len(plan[text])})
         return plan, pd.DataFrame(rows)
