@@ -85,9 +85,9 @@ def test_formats_that_cannot_be_applied_per_module_are_refused() -> None:
     ({"budgets": (17.0,)}, "budget 17 bits per weight is outside"),
     ({"targets": ("chat",)}, "search target chat is not among the texts"),
     ({"texts": ("novel",), "targets": ()}, "novel"),
-    ({"prune": 4}, "prune needs layers and modules among the units"),
+    ({"prune": 4}, "prune=4 needs modules among the units"),
     ({"units": ("layers", "q_proj")}, r"no unit 'q_proj' in the model.*'type T' with T one of down_proj"),
-    ({"prune": -1, "units": ("layers", "modules")}, "prune=-1 is negative"),
+    ({"prune": -1, "units": ("modules",)}, "prune=-1 is negative"),
 ])
 def test_bad_configs_fail_before_any_work(overrides, match) -> None:
     with pytest.raises(QkitError, match=match):
@@ -175,9 +175,37 @@ def test_the_rank_check_is_spearmans_rho_per_text_and_kind() -> None:
         assert r.rho_low <= r.spearman_rho <= r.rho_high
 
 
-# The full profile on `tiny` (4 layers, 28 modules) on fewer tokens, its module scan pruned to the proxy's
-# top 3 and 3 at random, with one budget and one anchor.
-FULL = {"model": "tiny", "eval_tokens": 512, "ctx": 128, "samples": 4, "seq_len": 64, "prune": 3,
+def test_the_fisher_proxy_estimates_the_kld_of_a_small_weight_change(tiny) -> None:
+    """One weight changed: the diagonal Fisher is then exact to second order, so ½ F δ² must match the KLD
+    the change causes, measured from the logits on the same text (up to the label sampling's noise; 8 draws
+    were measured within 0.87-1.22 of it on six elements)."""
+    from qkit import data
+
+    model = tiny.model
+    batches = [torch.tensor([x["input_ids"]]) for x in data.calibration_set("prose", 16, 64, 0, tokenizer=tiny.tokenizer)]
+    name = "model.layers.1.mlp.down_proj"
+    weight = mixed.linear_modules(model)[name].weight
+    grads = [w.requires_grad for w in model.parameters()]
+    with torch.inference_mode():
+        before = torch.log_softmax(torch.cat([model(input_ids=b).logits[0, :-1] for b in batches]).double(), -1)
+    for row, col in ((3, 5), (100, 200), (17, 300)):
+        change = torch.zeros_like(weight, dtype=torch.float32)
+        change[row, col] = 1.0
+        # ½ F for a change of 1, averaged over 8 draws of the labels: one draw on 1,008 tokens is within ±50%.
+        unit = np.mean([mixed.fisher_klds(model, batches, {name: change}, seed=seed)[name] for seed in range(8)])
+        delta = (1e-4 / unit) ** 0.5  # a change the estimate puts at 1e-4 nats: small, yet well above rounding
+        with torch.inference_mode():
+            weight[row, col] += delta
+            after = torch.log_softmax(torch.cat([model(input_ids=b).logits[0, :-1] for b in batches]).double(), -1)
+            weight[row, col] -= delta
+        measured = float((before.exp() * (before - after)).sum(-1).mean())
+        assert 0.75 < 1e-4 / measured < 1.33, (row, col, delta, measured)
+    assert [w.requires_grad for w in model.parameters()] == grads  # left as they were
+
+
+# The full profile on `tiny` (4 layers, 28 modules) on fewer tokens: its module scan draws 4 modules at
+# random, then the proxy's top 4; one budget and one anchor.
+FULL = {"model": "tiny", "eval_tokens": 512, "ctx": 128, "samples": 4, "seq_len": 64, "prune": 4,
         "budgets": [5.0], "anchors": ["w4a16_rtn"]}
 
 
@@ -186,37 +214,41 @@ def test_the_full_profile_prunes_its_module_scan_by_the_proxy_and_cross_evaluate
     from qkit.studies import layer_results
 
     store = Store(tmp_path)  # its own, so that what the second run measures can be counted
-    # tiny's 4 layers are too few to judge the proxy by; with the bars lowered, the pruning is what is tested.
-    monkeypatch.setattr(layer_results, "PRUNE_RHO", -1.0)
+    # 4 random modules are too few to judge the proxy by; with the bars lowered, the pruning is what is tested.
+    monkeypatch.setattr(layer_results, "PRUNE_RHO", -2.0)  # below any ρ
     monkeypatch.setattr(layer_results, "PRUNE_MIN_UNITS", 4)
     res = L.run(L.config("full", **FULL), store=store)
     assert set(res.scan["text"]) == {"prose", "code"} and set(res.reverse["kind"]) == {"types", "layers"}
     proxy = res.proxy.set_index("unit")["proxy"]
     every = [u for u in proxy.index if u.startswith("model.")]
+    top = set(proxy[every].nlargest(4).index)
     assert len(every) == 28
     for text, g in res.scan.groupby("text"):
-        modules = g[g["kind"] == "module"]
-        assert len(g[g["kind"] == "layer"]) == 4
-        assert modules["picked"].value_counts().to_dict() == {"proxy top": 3, "at random": 3}
-        assert set(modules[modules["picked"] == "proxy top"]["unit"]) == set(proxy[every].nlargest(3).index)
+        modules = g[g["kind"] == "module"].set_index("unit")
+        drawn = set(modules.index[modules["picked"] == "at random"])
+        assert len(g[g["kind"] == "layer"]) == 4 and len(drawn) == 4
+        assert set(modules.index) == drawn | top and set(modules.index[modules["picked"] == "proxy top"]) == top - drawn
     checks = res.pruning_check().set_index("text")
-    assert checks["pruned"].all() and (checks[["layers", "modules", "measured"]].to_numpy() == [4, 28, 6]).all()
-    prose = res.scan[(res.scan["text"] == "prose") & (res.scan["kind"] == "module")]
-    drawn, top = (prose[prose["picked"] == k]["kld_mean"] for k in ("at random", "proxy top"))
-    assert checks.loc["prose", "random_above_top_min"] == int((drawn > top.min()).sum())
+    assert checks["pruned"].all() and (checks[["at_random", "modules"]].to_numpy() == [4, 28]).all()
+    prose = res.scan[(res.scan["text"] == "prose") & (res.scan["kind"] == "module")].set_index("unit")
+    outside = prose[(prose["picked"] == "at random") & ~prose.index.isin(top)]["kld_mean"]
+    assert checks.loc["prose", "random_outside_top"] == len(outside)
+    assert checks.loc["prose", "random_above_top_min"] == int((outside > prose.loc[list(top), "kld_mean"].min()).sum())
     grids = res._module_grid()
-    assert list(grids) == ["prose", "code"] and all(g.shape == (4, 7) and g.notna().sum().sum() == 6
+    assert list(grids) == ["prose", "code"] and all(g.shape == (4, 7) and g.notna().sum().sum() == len(prose)
                                                     for g in grids.values())
     assert sum("pruned by the proxy" in f for f in res.findings()) == 2
     # Each text's mix scored on both texts: the cross-evaluation.
     assert res.cross().shape == (2, 2) and set(res.mixes["target"]) == {"prose", "code"}
-    # The real bars: 4 layers cannot judge the proxy, so every module is measured, the six above from the store.
+    # The real bars: 4 random modules cannot judge the proxy, so every module is measured, those above from
+    # the store.
     monkeypatch.undo()
     measured = []
     real = L.compare
     monkeypatch.setattr(L, "compare", lambda *a, **k: measured.append(1) or real(*a, **k))
     res = L.run(L.config("full", **FULL, workers=1), store=store)  # in this process, where compare is counted
-    assert (res.scan[res.scan["kind"] == "module"]["picked"] == "all").sum() == 56 and len(measured) == 44
+    assert (res.scan[res.scan["kind"] == "module"]["picked"] != "proxy top").sum() == 56
+    assert len(measured) == 2 * (28 - len(prose))
     assert sum("every one of the 28 modules was measured" in f for f in res.findings()) == 2
 
 

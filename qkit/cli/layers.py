@@ -20,7 +20,8 @@ def cmd_layers_scan(args: argparse.Namespace) -> int:
 
     texts = _texts(args) or None
     config = study.config(args.profile, model=args.model, format=args.format, texts=texts,
-                          units=args.units.split(",") if args.units else None, eval_tokens=args.tokens, prune=args.prune,
+                          units=args.units.split(",") if args.units else None, eval_tokens=args.tokens,
+                          prune=args.prune,
                           targets=[], anchors=[], budgets=[], reverse=[] if not args.reverse else None)
     result = study.run(config)
     if args.json:

@@ -76,7 +76,8 @@ def units(modules: Sequence[str], kinds: Sequence[str]) -> dict[str, tuple[str, 
     if missing:
         raise QkitError(f"no unit {', '.join(map(repr, missing))} in the model",
                         f"name a kind ({', '.join(UNIT_KINDS)}), 'layer N' (0-{max(map(layer_of, names))}), "
-                        f"'type T' with T one of {', '.join(sorted(set(map(module_type, names))))}, or a module's full name")
+                        f"'type T' with T one of {', '.join(sorted(set(map(module_type, names))))}, "
+                        "or a module's full name")
     out: dict[str, tuple[str, ...]] = {}
     for kind in kinds:
         out.update(every[kind] if kind in every else {kind: named[kind]})
@@ -196,26 +197,45 @@ def solve(sizes: np.ndarray, costs: np.ndarray, budget: float, grid: int = 4096)
     return picks[::-1]
 
 
-def input_grams(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """XᵀX (float64) of each decoder Linear's inputs over the token ids in `batches`: with it, a module's
-    weight error ΔW adds ``tr(ΔW H ΔWᵀ)`` of squared error to its outputs on those inputs."""
-    grams: dict[str, torch.Tensor] = {}
+def fisher_klds(model: torch.nn.Module, batches: Sequence[torch.Tensor], deltas: Mapping[str, torch.Tensor],
+                seed: int = 0) -> dict[str, float]:
+    """Per decoder Linear named in `deltas` (its weight change, quantized minus float): ``½ Σ F ⊙ ΔW²`` per
+    token, F the diagonal of the Fisher information of the model's own next-token distribution over the
+    token ids in `batches` (one label drawn from it per position, seeded). Since KL(p‖p_δ) ≈ ½ δᵀFδ, it
+    estimates in nats the KLD that the change causes alone, with F's off-diagonal terms dropped. One
+    forward and backward pass per batch (best one sequence each: the cross terms between positions
+    average out, those between sequences too, but more slowly).
 
-    def hook(name: str) -> Any:
-        def add(module: Any, args: tuple, out: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return add
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in linear_modules(model).items()]
+    On SmolLM2's 210 modules in W4A16 RTN (16 x 256 prose tokens, against each module's measured KLD on
+    2,048 held-out ones) it ranked modules with Spearman ρ 0.90 and layers 0.83, and its sum was 1.25x
+    the summed KLDs. With the text's own next tokens as labels (the empirical Fisher) ρ was 0.68, and the
+    output error ``tr(ΔW XᵀX ΔWᵀ)`` on the same activations ranked them no better than chance (-0.08):
+    a module's output error says nothing of how much the rest of the network amplifies it."""
+    linears = linear_modules(model)
+    weights = [linears[name].weight for name in deltas]
+    totals = dict.fromkeys(deltas, 0.0)
+    tokens = 0
+    generator = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    was = [w.requires_grad for w in params]
     try:
-        with torch.inference_mode():
+        for w in params:  # the graph holds only what the weights' gradients need
+            w.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
             for ids in batches:
-                model(input_ids=ids)
+                logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+                flat = logp.reshape(-1, logp.shape[-1])
+                labels = torch.multinomial(flat.detach().exp(), 1, generator=generator)
+                grads = torch.autograd.grad(-flat.gather(1, labels).sum(), weights)
+                for name, g in zip(deltas, grads):
+                    totals[name] += float((g.double() ** 2 * deltas[name].double() ** 2).sum())
+                tokens += len(labels)
     finally:
-        for h in handles:
-            h.remove()
-    return grams
+        for w, req in zip(params, was):
+            w.requires_grad_(req)
+    return {name: 0.5 * total / tokens for name, total in totals.items()}
 
 
 def recipe(assignment: Mapping[str, str], formats: Mapping[str, registry.Method], title: str) -> str:

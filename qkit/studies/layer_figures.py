@@ -15,7 +15,7 @@ from qkit.studies.plots import error_lengths, log_scale, separate_labels
 
 def layer_heatmaps(grids: Mapping[str, pd.DataFrame], fmt: str) -> Figure:
     """Decoder layer (rows) x module type (columns), one panel per eval text: a module's KLD when it alone
-    is in `fmt` (or the proxy's output error where the scan did not measure single modules), log colours."""
+    is in `fmt` (or the proxy's estimate where the scan did not measure single modules), log colours."""
     from matplotlib.colors import LogNorm
 
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1.0, 6.0), squeeze=False)
@@ -75,14 +75,18 @@ def unit_bars(scan: pd.DataFrame, texts: list[str]) -> Figure:
 
 
 def proxy_scatter(merged: pd.DataFrame) -> Figure:
-    """The proxy (output error on calibration activations) against the measured KLD, per unit and text."""
+    """The proxy (the Fisher estimate of a unit's KLD) against the measured KLD, per unit and text, with the
+    line where they are equal."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for text, g in merged.groupby("text", sort=False):
         ax.errorbar(g["proxy"], g["kld_mean"], yerr=error_lengths(g["kld_mean"], g["kld_low"], g["kld_high"]),
                     fmt="o", ms=4, capsize=2, label=text, alpha=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("proxy: output error tr(ΔW H ΔWᵀ) on calibration activations")
+    both = pd.concat([merged["proxy"], merged["kld_mean"]])
+    span = [both[both > 0].min(), both.max()]
+    ax.plot(span, span, color="grey", lw=0.8, ls="--", label="estimate = measured")
+    ax.set_xlabel("proxy: ½ Σ F ⊙ ΔW² per token, diagonal Fisher on calibration text (nats)")
     ax.set_ylabel("measured KLD to baseline (nats)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

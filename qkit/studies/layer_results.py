@@ -15,9 +15,9 @@ from qkit.quant import mixed
 from qkit.studies import layer_figures, plots
 from qkit.studies.contract import Summary
 
-# The lower end of the proxy's ρ CI on the measured layers above which it ranks well enough to prune a
-# module scan: the bar the findings state and the one a pruned scan (``prune``) must clear. Over fewer
-# units the bootstrap CI means little: 4 perfectly ranked layers resample to ρ = 1 every time.
+# The lower end of the proxy's ρ CI above which it ranks units well enough to prune a scan of them: the
+# bar the findings state, and the one a pruned module scan (``prune``) must clear on the modules drawn at
+# random. Over fewer units the bootstrap CI means little: 4 perfectly ranked units resample to ρ = 1.
 PRUNE_RHO = 0.7
 PRUNE_MIN_UNITS = 8
 
@@ -25,6 +25,11 @@ PRUNE_MIN_UNITS = 8
 def ranks_well(check: Mapping[str, Any]) -> bool:
     """Whether a :func:`rank_check` row shows a proxy good enough to prune a scan with."""
     return bool(check["units"] >= PRUNE_MIN_UNITS and check["rho_low"] > PRUNE_RHO)
+
+
+def proxy_top(per_module: Mapping[str, float], k: int) -> list[str]:
+    """The `k` modules with the largest proxy, largest first."""
+    return sorted(per_module, key=lambda m: -per_module[m])[:k]
 
 
 def rank_check(scan: pd.DataFrame, proxy: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -45,7 +50,7 @@ class Result:
     scan: pd.DataFrame  # one row per (text, unit): the unit alone in the format
     reverse: pd.DataFrame  # one row per (text, unit): the KLD that keeping the unit in float saves
     costs: pd.DataFrame  # one row per (format, target, search unit): the search's measured costs
-    proxy: pd.DataFrame  # one row per scan unit (and per module): the proxy's output error
+    proxy: pd.DataFrame  # one row per scan unit (and per module): the proxy's KLD estimate
     pruning: pd.DataFrame  # one row per text when the module scan was pruned by the proxy (else empty)
     sizes: pd.DataFrame  # bytes per search unit and format
     mixes: pd.DataFrame  # one row per (target, budget): the chosen mix and its prediction
@@ -59,16 +64,18 @@ class Result:
         return rank_check(self.scan, self.proxy, self.config.seed)
 
     def pruning_check(self) -> pd.DataFrame:
-        """Per text of a pruned module scan: the decision, and what the modules drawn at random say about
-        the ones it left out (how many of them rank above the smallest of the proxy's top)."""
+        """Per text of a pruned module scan: the decision, and what the modules drawn at random say of those
+        left out: how many of the random ones outside the proxy's top have a larger KLD than the smallest
+        in the top."""
         rows = []
+        per_module = self.proxy[self.proxy["unit"].map(mixed.unit_kind) == "module"].set_index("unit")["proxy"]
+        top = set(proxy_top(per_module.to_dict(), self.config.prune))
         for _, r in self.pruning.iterrows():
-            g = self.scan[(self.scan["text"] == r["text"]) & (self.scan["kind"] == "module")]
-            top, drawn = g[g["picked"] == "proxy top"]["kld_mean"], g[g["picked"] == "at random"]["kld_mean"]
-            rows.append({**r.to_dict(), "proxy_top": len(top), "at_random": len(drawn),
-                         "top_min_kld": top.min() if len(top) else float("nan"),
-                         "random_max_kld": drawn.max() if len(drawn) else float("nan"),
-                         "random_above_top_min": int((drawn > top.min()).sum()) if len(top) else 0})
+            g = self.scan[(self.scan["text"] == r["text"]) & (self.scan["kind"] == "module")].set_index("unit")
+            outside = g[(g["picked"] == "at random") & ~g.index.isin(top)]["kld_mean"]
+            top_min = g[g.index.isin(top)]["kld_mean"].min()
+            rows.append({**r.to_dict(), "top_min_kld": top_min, "random_outside_top": len(outside),
+                         "random_above_top_min": int((outside > top_min).sum())})
         return pd.DataFrame(rows)
 
     def additivity(self) -> pd.DataFrame:
@@ -105,35 +112,37 @@ class Result:
 
     def findings(self) -> list[str]:
         c, out = self.config, []
-        for text, g in self.scan.groupby("text", sort=False):
+        for (text, kind), g in self.scan.groupby(["text", "kind"], sort=False):
             g = g.sort_values("kld_mean", ascending=False)
             top = g.iloc[0]
             rest = g.iloc[1:]
             apart = rest[rest["kld_high"] < top["kld_low"]]
-            out.append(f"**{text}**: the most sensitive unit in {c.format} is {top['unit']} (KLD {top['kld_mean']:.3g} "
-                       f"[{top['kld_low']:.3g}, {top['kld_high']:.3g}]); its CI lies above {len(apart)} of the other "
-                       f"{len(rest)} units' CIs. The least sensitive: {g.iloc[-1]['unit']} ({g.iloc[-1]['kld_mean']:.3g}).")
+            out.append(f"**{text}**: the most sensitive {kind} in {c.format} is {top['unit']} (KLD "
+                       f"{top['kld_mean']:.3g} [{top['kld_low']:.3g}, {top['kld_high']:.3g}]); its CI lies above "
+                       f"{len(apart)} of the other {len(rest)} {kind}s' CIs. The least sensitive: "
+                       f"{g.iloc[-1]['unit']} ({g.iloc[-1]['kld_mean']:.3g}).")
         for _, r in self.proxy_check().iterrows():
             verdict = ("ranks them well enough to prune a larger scan" if ranks_well(r) else
                        f"is not judged: {PRUNE_MIN_UNITS} units are needed" if r["units"] < PRUNE_MIN_UNITS else
                        "ranks them better than chance, not well enough to replace the measurement" if r["rho_low"] > 0
                        else "does not rank them reliably")
-            out.append(f"The proxy (output error on calibration activations) against the measured KLD on {r['text']}, "
-                       f"over {r['units']} {r['kind']} units: Spearman ρ {r['spearman_rho']:.2f} "
+            out.append(f"The proxy (the diagonal Fisher estimate of the KLD) against the measured KLD on "
+                       f"{r['text']}, over {r['units']} {r['kind']} units: Spearman ρ {r['spearman_rho']:.2f} "
                        f"[{r['rho_low']:.2f}, {r['rho_high']:.2f}]: it {verdict}.")
         for _, r in self.pruning_check().iterrows():
+            ranked = (f"on {r['at_random']} modules drawn at random, the proxy ranked the measured KLDs with ρ "
+                      f"{r['random_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}]")
             if not r["pruned"]:
-                out.append(f"**{r['text']}**: every one of the {r['modules']} modules was measured: the proxy's ρ on "
-                           f"the {r['layers']} layers, {r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}], "
-                           f"does not clear the {PRUNE_RHO} over at least {PRUNE_MIN_UNITS} layers needed to prune.")
+                out.append(f"**{r['text']}**: every one of the {r['modules']} modules was measured: {ranked}, "
+                           f"short of the {PRUNE_RHO} over at least {PRUNE_MIN_UNITS} modules needed to prune.")
                 continue
-            out.append(f"**{r['text']}**: the module scan was pruned by the proxy (its ρ on the layers "
-                       f"{r['layers_rho']:.2f} [{r['rho_low']:.2f}, {r['rho_high']:.2f}] clears {PRUNE_RHO}): "
-                       f"{r['measured']} of {r['modules']} modules measured, the proxy's top {r['proxy_top']} and "
-                       f"{r['at_random']} others at random. {r['random_above_top_min']} of those at random have a "
-                       f"larger KLD than the smallest of the top ({r['top_min_kld']:.3g}; the largest at random "
-                       f"{r['random_max_kld']:.3g}): an estimated {r['random_above_top_min'] / max(r['at_random'], 1):.0%} "
-                       "of the modules left out would rank among the measured top. The heatmap leaves them blank.")
+            share = r["random_above_top_min"] / max(r["random_outside_top"], 1)
+            out.append(f"**{r['text']}**: the module scan was pruned by the proxy: {ranked}, clearing {PRUNE_RHO}, "
+                       f"so its top {self.config.prune} were measured too ({r['measured']} of {r['modules']} "
+                       f"modules) and the rest left out. Of the random ones outside the top, "
+                       f"{r['random_above_top_min']} of {r['random_outside_top']} have a larger KLD than the "
+                       f"smallest in the top ({r['top_min_kld']:.3g}): an estimated {share:.0%} of the modules "
+                       "left out would rank among the top. The heatmap leaves them blank.")
         add = self.additivity()
         if len(add):
             inside = int(add["within_ci"].sum())
@@ -180,7 +189,7 @@ class Result:
         types = sorted({mixed.module_type(u) for u in every})
         grids = {}
         source = ({t: g.set_index("unit")["kld_mean"] for t, g in modules.groupby("text", sort=False)} if len(modules)
-                  else {"proxy (output error)": self.proxy.set_index("unit")["proxy"]})
+                  else {"proxy (Fisher KLD estimate)": self.proxy.set_index("unit")["proxy"]})
         for label, values in source.items():
             rows = [{"layer": mixed.layer_of(u), "type": mixed.module_type(u), "value": v}
                     for u, v in values.items() if mixed.unit_kind(u) == "module"]
