@@ -233,7 +233,10 @@ def test_the_full_profile_prunes_its_module_scan_by_the_proxy_and_cross_evaluate
     prose = res.scan[(res.scan["text"] == "prose") & (res.scan["kind"] == "module")].set_index("unit")
     outside = prose[(prose["picked"] == "at random") & ~prose.index.isin(top)]["kld_mean"]
     assert checks.loc["prose", "random_outside_top"] == len(outside)
-    assert checks.loc["prose", "random_above_top_min"] == int((outside > prose.loc[list(top), "kld_mean"].min()).sum())
+    in_top = prose.loc[list(top), "kld_mean"]
+    assert checks.loc["prose", "random_above_top_median"] == int((outside > in_top.median()).sum())
+    rest = 24 * outside.mean()
+    assert checks.loc["prose", "outside_top_kld_share"] == pytest.approx(rest / (rest + in_top.sum()))
     grids = res._module_grid()
     assert list(grids) == ["prose", "code"] and all(g.shape == (4, 7) and g.notna().sum().sum() == len(prose)
                                                     for g in grids.values())

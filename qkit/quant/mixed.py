@@ -198,7 +198,7 @@ def solve(sizes: np.ndarray, costs: np.ndarray, budget: float, grid: int = 4096)
 
 
 def fisher_klds(model: torch.nn.Module, batches: Sequence[torch.Tensor], deltas: Mapping[str, torch.Tensor],
-                seed: int = 0) -> dict[str, float]:
+                seed: int = 0, labels: str = "drawn") -> dict[str, float]:
     """Per decoder Linear named in `deltas` (its weight change, quantized minus float): ``½ Σ F ⊙ ΔW²`` per
     token, F the diagonal of the Fisher information of the model's own next-token distribution over the
     token ids in `batches` (one label drawn from it per position, seeded). Since KL(p‖p_δ) ≈ ½ δᵀFδ, it
@@ -210,7 +210,10 @@ def fisher_klds(model: torch.nn.Module, batches: Sequence[torch.Tensor], deltas:
     2,048 held-out ones) it ranked modules with Spearman ρ 0.90 and layers 0.83, and its sum was 1.25x
     the summed KLDs. With the text's own next tokens as labels (the empirical Fisher) ρ was 0.68, and the
     output error ``tr(ΔW XᵀX ΔWᵀ)`` on the same activations ranked them no better than chance (-0.08):
-    a module's output error says nothing of how much the rest of the network amplifies it."""
+    a module's output error says nothing of how much the rest of the network amplifies it
+    (``benchmarks/layer_proxy.py`` measures all three). ``labels="text"`` gives the empirical Fisher."""
+    if labels not in ("drawn", "text"):
+        raise QkitError(f"unknown Fisher labels {labels!r}", "use 'drawn' (from the model) or 'text' (its next tokens)")
     linears = linear_modules(model)
     weights = [linears[name].weight for name in deltas]
     totals = dict.fromkeys(deltas, 0.0)
@@ -227,11 +230,12 @@ def fisher_klds(model: torch.nn.Module, batches: Sequence[torch.Tensor], deltas:
             for ids in batches:
                 logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
                 flat = logp.reshape(-1, logp.shape[-1])
-                labels = torch.multinomial(flat.detach().exp(), 1, generator=generator)
-                grads = torch.autograd.grad(-flat.gather(1, labels).sum(), weights)
+                picked = (torch.multinomial(flat.detach().exp(), 1, generator=generator) if labels == "drawn"
+                          else ids[:, 1:].reshape(-1, 1))
+                grads = torch.autograd.grad(-flat.gather(1, picked).sum(), weights)
                 for name, g in zip(deltas, grads):
                     totals[name] += float((g.double() ** 2 * deltas[name].double() ** 2).sum())
-                tokens += len(labels)
+                tokens += len(picked)
     finally:
         for w, req in zip(params, was):
             w.requires_grad_(req)

@@ -65,17 +65,20 @@ class Result:
 
     def pruning_check(self) -> pd.DataFrame:
         """Per text of a pruned module scan: the decision, and what the modules drawn at random say of those
-        left out: how many of the random ones outside the proxy's top have a larger KLD than the smallest
-        in the top."""
+        left out: how many of the random ones outside the proxy's top have a larger KLD than the top's
+        median, and the share of the summed KLD that the modules outside the top hold (their mean KLD
+        estimated from the random ones)."""
         rows = []
         per_module = self.proxy[self.proxy["unit"].map(mixed.unit_kind) == "module"].set_index("unit")["proxy"]
         top = set(proxy_top(per_module.to_dict(), self.config.prune))
         for _, r in self.pruning.iterrows():
             g = self.scan[(self.scan["text"] == r["text"]) & (self.scan["kind"] == "module")].set_index("unit")
             outside = g[(g["picked"] == "at random") & ~g.index.isin(top)]["kld_mean"]
-            top_min = g[g.index.isin(top)]["kld_mean"].min()
-            rows.append({**r.to_dict(), "top_min_kld": top_min, "random_outside_top": len(outside),
-                         "random_above_top_min": int((outside > top_min).sum())})
+            in_top = g[g.index.isin(top)]["kld_mean"]
+            rest = (r["modules"] - len(in_top)) * outside.mean() if len(outside) else 0.0
+            rows.append({**r.to_dict(), "top_median_kld": in_top.median(), "random_outside_top": len(outside),
+                         "random_above_top_median": int((outside > in_top.median()).sum()),
+                         "outside_top_kld_share": rest / (rest + in_top.sum())})
         return pd.DataFrame(rows)
 
     def additivity(self) -> pd.DataFrame:
@@ -136,13 +139,12 @@ class Result:
                 out.append(f"**{r['text']}**: every one of the {r['modules']} modules was measured: {ranked}, "
                            f"short of the {PRUNE_RHO} over at least {PRUNE_MIN_UNITS} modules needed to prune.")
                 continue
-            share = r["random_above_top_min"] / max(r["random_outside_top"], 1)
             out.append(f"**{r['text']}**: the module scan was pruned by the proxy: {ranked}, clearing {PRUNE_RHO}, "
                        f"so its top {self.config.prune} were measured too ({r['measured']} of {r['modules']} "
                        f"modules) and the rest left out. Of the random ones outside the top, "
-                       f"{r['random_above_top_min']} of {r['random_outside_top']} have a larger KLD than the "
-                       f"smallest in the top ({r['top_min_kld']:.3g}): an estimated {share:.0%} of the modules "
-                       "left out would rank among the top. The heatmap leaves them blank.")
+                       f"{r['random_above_top_median']} of {r['random_outside_top']} have a larger KLD than the "
+                       f"top's median ({r['top_median_kld']:.3g}), and the modules outside the top hold an estimated "
+                       f"{r['outside_top_kld_share']:.0%} of the summed KLD. The heatmap leaves those left out blank.")
         add = self.additivity()
         if len(add):
             inside = int(add["within_ci"].sum())
