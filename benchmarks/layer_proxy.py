@@ -56,8 +56,7 @@ def main() -> None:
     store = Store()
     loaded = models.resolve_model(args.model, store=store)
     study = L.Study(config, loaded, store)
-    linears = mixed.linear_modules(loaded.model)
-    deltas = {n: w - linears[n].weight.detach().float() for n, w in study.weights(config.format).items()}
+    deltas = study.weight_changes(config.format)
     samples = data.calibration_set(config.calib, config.samples, config.seq_len, config.seed, tokenizer=loaded.tokenizer)
     batches = [torch.tensor([x["input_ids"]]) for x in samples]
     proxies = {"fisher (drawn labels)": study.per_module_proxy(),

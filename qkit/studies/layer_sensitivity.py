@@ -165,6 +165,11 @@ class Study:
             self._weights[fmt] = mixed.dequantized_weights(self.checkpoints[fmt])
         return self._weights[fmt]
 
+    def weight_changes(self, fmt: str) -> dict[str, torch.Tensor]:
+        """Per module: its weights in `fmt` minus its float weights."""
+        linears = mixed.linear_modules(self.loaded.model)
+        return {name: w - linears[name].weight.detach().float() for name, w in self.weights(fmt).items()}
+
     def model_copy(self) -> torch.nn.Module:
         if self._copy is None:
             self._copy = mixed.float_copy(self.loaded.model)
@@ -303,10 +308,8 @@ class Study:
         def compute() -> dict[str, float]:
             samples = data.calibration_set(calib.name, calib.n_samples, calib.seq_len, calib.seed,
                                            tokenizer=self.loaded.tokenizer)
-            weights, linears = self.weights(c.format), mixed.linear_modules(self.loaded.model)
-            deltas = {name: w_q - linears[name].weight.detach().float() for name, w_q in weights.items()}
-            return mixed.fisher_klds(self.loaded.model, [torch.tensor([x["input_ids"]]) for x in samples], deltas,
-                                     seed=c.seed)
+            return mixed.fisher_klds(self.loaded.model, [torch.tensor([x["input_ids"]]) for x in samples],
+                                     self.weight_changes(c.format), seed=c.seed)
 
         return self.store.get_json(LAYER_PROXY, key, compute)
 
