@@ -75,8 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, help="evaluation tokens per text (default: the profile's)")
     p.add_argument("--reverse", action="store_true", help="also keep each unit in float among the rest quantized")
     p.add_argument("--prune", type=int, metavar="K",
-                   help="with layers and modules among the units: measure only the proxy's top K modules and K "
-                        "at random, if the proxy ranks the measured layers well (default: the profile's; 0: all)")
+                   help="with modules among the units: measure K modules at random, then, if the proxy ranks those "
+                        "well, only the proxy's top K of the rest (default: the profile's; 0: all)")
     p.add_argument("--profile", default="quick", choices=["quick", "full"])
     p.add_argument("--json", action="store_true", help="print the scan's rows as JSON")
     p.set_defaults(func=cmd_layers_scan)

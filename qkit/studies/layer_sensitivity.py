@@ -227,15 +227,15 @@ class Study:
         """The module scan's rows when ``prune`` is set, and a row per text on the decision. ``prune``
         modules drawn at random are measured first; on a text where the proxy ranks them well
         (:func:`qkit.studies.layer_results.ranks_well`), the proxy's top ``prune`` are measured too and the
-        rest left out; elsewhere every module is. Being drawn at random, they estimate without bias both
-        the proxy's ρ over all modules and how many of those left out would have ranked among the top."""
+        rest left out; elsewhere every module is. Being drawn at random, they estimate without bias the
+        proxy's ρ over all modules and what the modules left out hold (see ``Result.pruning_check``)."""
         c = self.config
         every = list(mixed.units(self.shapes, ("modules",)))
         per_module = self.per_module_proxy()
         drawn = {every[i] for i in np.random.default_rng(c.seed).choice(len(every), min(c.prune, len(every)),
                                                                          replace=False)}
         top = set(layer_results.proxy_top(per_module, c.prune))
-        proxy = pd.DataFrame(list(per_module.items()), columns=["unit", "proxy"])
+        proxy = self.proxy({})  # per module
         self.offload([(c.format, (m,), text, False) for text in c.texts for m in every if m in drawn])
         rows, decisions, later = [], [], []
         for text in c.texts:
